@@ -1,0 +1,91 @@
+"""Training: one trace per run, determinism, padded last batches, learning, metrics."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import train
+from cnn_jax.config import Config
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_no_retracing_across_steps_and_epochs(tiny, tmp_path):
+    before = dict(train.TRACE_COUNTS)
+    cfg = Config(epochs=3, batch_size=32, eval_every_epoch=True)
+    train.fit(cfg, tiny, verbose=False)  # 258 train images: 9 steps per epoch, the last partial
+    assert train.TRACE_COUNTS["train_step"] - before["train_step"] == 1
+    assert train.TRACE_COUNTS["eval_step"] - before["eval_step"] == 1
+
+
+def test_same_seed_gives_bit_identical_parameters(tiny):
+    cfg = Config(epochs=2, seed=5)
+    a, ma = train.fit(cfg, tiny, verbose=False)
+    b, mb = train.fit(cfg, tiny, verbose=False)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert ma["epochs"][-1]["train_loss"] == mb["epochs"][-1]["train_loss"]
+    c, _ = train.fit(Config(epochs=2, seed=6), tiny, verbose=False)
+    assert not all(np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(c)))
+
+
+def test_padded_last_batch_equals_a_plain_smaller_batch():
+    cfg = Config(model=2, batch_size=8)
+    trainer, state = train.create_trainer(cfg, 43)
+    _, state_small = train.create_trainer(Config(model=2, batch_size=5), 43)
+    small = train.Trainer(trainer.graphdef, trainer.tx, cfg.pixels, 5)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (5, 30, 30, 3), np.uint8))
+    labels = jnp.asarray(rng.integers(0, 43, 5).astype(np.int32))
+    order = jnp.asarray(train._padded(np.arange(5), 8))
+    padded = trainer.train_step(state, images, labels, order, 5, 0, 0)
+    plain = small.train_step(state_small, images, labels, jnp.arange(5, dtype=jnp.int32), 5, 0, 0)
+    for x, y in zip(_leaves(padded), _leaves(plain)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(padded.metrics, plain.metrics, rtol=1e-5)
+    assert float(padded.metrics[2]) == 5.0
+
+
+def test_training_learns_the_synthetic_signs():
+    from cnn_jax.synthetic import make_synthetic
+
+    ds = make_synthetic(n_per_class=40, seed=1)
+    _, m = train.fit(Config(epochs=6, seed=0), ds, verbose=False)
+    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"] - 1.0
+    assert m["test_accuracy"] > 0.3  # chance is 1/43
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_fit_writes_config_and_metrics(tiny, tmp_path, model):
+    cfg = Config(model=model, epochs=1)
+    train.fit(cfg, tiny, tmp_path / "run", verbose=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == model and config["epochs"] == 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("model", "params", "n_train", "n_test", "skipped_files", "epochs"):
+        assert key in metrics
+    assert metrics["params"] == {1: 809_387, 2: 319_979}[model]
+    assert (metrics["n_train"], metrics["n_test"]) == (258, 172)
+    assert set(metrics["epochs"][0]) >= {"train_loss", "train_accuracy", "seconds"}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+
+
+def test_evaluate_counts_every_image(tiny):
+    trainer, state = train.create_trainer(Config(), 43)
+    n = 1234  # not a multiple of the evaluation batch
+    images = np.resize(tiny.images, (n, 30, 30, 3))
+    labels = np.resize(tiny.labels, n)
+    ev = train.evaluate(trainer, state.params, images, labels)
+    logits = np.asarray(trainer.apply(state.params, jnp.asarray(images)))
+    assert ev["n"] == n
+    assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)
+
+
+def test_more_classes_in_data_than_configured_is_an_error(tiny):
+    with pytest.raises(ValueError, match="more than --num-classes"):
+        train.fit(Config(num_classes=10, epochs=1), tiny, verbose=False)
