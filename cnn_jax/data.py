@@ -175,8 +175,13 @@ def _try_decode(path: Path, image_size: int) -> np.ndarray | str:
     try:
         return decode_image(path, image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip()
-        return f"{type(e).__name__}: {reason}".splitlines()[0]
+        return describe_error(e, path)
+
+
+def describe_error(e: Exception, path) -> str:
+    """One line naming what went wrong with a file, without repeating its path."""
+    reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip()
+    return f"{type(e).__name__}: {reason}".splitlines()[0]
 
 
 def _decode_chunk(files: list[Path], image_size: int) -> list[np.ndarray | str]:

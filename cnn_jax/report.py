@@ -29,6 +29,11 @@ class Progress:
         rate = count / max(now - self.t0, 1e-9)
         self._draw(step, loss_sum / count, correct / count, f"{rate:,.0f} img/s", "\r")
 
+    def interrupt(self) -> None:
+        """Ends a bar that was cut short, so the next message starts on its own line."""
+        if self.live:
+            print(file=self.stream, flush=True)
+
     def close(self, record: dict) -> None:
         if not self.enabled:
             return

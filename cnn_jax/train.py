@@ -8,6 +8,7 @@ the host sends only a step number per step.
 
 import dataclasses
 import functools
+import hashlib
 import json
 import statistics
 import time
@@ -111,14 +112,17 @@ class Trainer:
         idx, weights = _batch(order, i, EVAL_BATCH, n)
         logits = self.apply(params, images[idx])
         y = labels[idx]
+        predictions = jnp.argmax(logits, -1)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.stack(
-            [
-                jnp.sum(losses * weights),
-                jnp.sum((jnp.argmax(logits, -1) == y) * weights),
-                jnp.sum(weights),
-            ]
+        sums = jnp.stack(
+            [jnp.sum(losses * weights), jnp.sum((predictions == y) * weights), jnp.sum(weights)]
         )
+        return sums, predictions
+
+    @functools.cached_property
+    def probabilities(self):
+        """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
+        return jax.jit(lambda params, images: jax.nn.softmax(self.apply(params, images)))
 
 
 def create_trainer(config: Config, num_classes: int):
@@ -131,36 +135,25 @@ def create_trainer(config: Config, num_classes: int):
 
 
 def evaluate(trainer: Trainer, params, images, labels) -> dict[str, Any]:
-    """Loss, accuracy and per-class accuracy over a whole set, in fixed-size padded batches."""
+    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches."""
     n = len(labels)
     order = jnp.asarray(_padded(np.arange(n), EVAL_BATCH))
     images, labels_dev = jnp.asarray(images), jnp.asarray(labels)
-    totals = [
+    outputs = [
         trainer.eval_step(params, images, labels_dev, order, n, i)
         for i in range(-(-n // EVAL_BATCH))
     ]
-    loss, correct, count = np.sum(np.asarray(totals), axis=0)
-    return {"loss": float(loss / count), "accuracy": float(correct / count), "n": int(count)}
-
-
-def train_epoch(trainer, state, images, labels, order, dropout_seed, progress=None):
-    """One pass over `order`; returns the new state and each step's wall time in ms."""
-    n = len(order)
-    padded = jnp.asarray(_padded(order, trainer.batch_size))
-    state = state._replace(metrics=jnp.zeros(3, jnp.float32))
-    step_ms = []
-    steps = -(-n // trainer.batch_size)
-    t_last = time.perf_counter()
-    for i in range(steps):
-        state = trainer.train_step(state, images, labels, padded, n, i, dropout_seed)
-        # Waiting each step costs little at this step size and makes the step times honest.
-        state.metrics.block_until_ready()
-        now = time.perf_counter()
-        step_ms.append((now - t_last) * 1e3)
-        t_last = now
-        if progress is not None:
-            progress.update(i + 1, state.metrics)
-    return state, step_ms
+    loss, correct, count = np.sum([np.asarray(sums) for sums, _ in outputs], axis=0)
+    predictions = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
+    labels = np.asarray(labels)
+    per_class = {int(c): float(np.mean(predictions[labels == c] == c)) for c in np.unique(labels)}
+    return {
+        "loss": float(loss / count),
+        "accuracy": float(correct / count),
+        "n": int(count),
+        "per_class_accuracy": per_class,
+        "predictions": predictions,
+    }
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -168,8 +161,83 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def fit(config: Config, dataset: data_lib.Dataset, workdir: Path | None = None, verbose=True):
-    """Splits the data, trains, evaluates on the test split; writes config and metrics JSON."""
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
+
+
+def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_step=None):
+    """Steps `start`.. of one pass over `order`.
+
+    `after_step(step_in_epoch, state)` runs after each step; returning True stops the epoch
+    early. Returns (state, step times in ms, steps done in the epoch, whether it was stopped).
+    """
+    n = len(order)
+    steps = -(-n // trainer.batch_size)
+    padded = jnp.asarray(_padded(order, trainer.batch_size))
+    if start == 0:
+        state = state._replace(metrics=jnp.zeros(3, jnp.float32))
+    step_ms = []
+    t_last = time.perf_counter()
+    for i in range(start, steps):
+        state = trainer.train_step(state, images, labels, padded, n, i, seed)
+        # Waiting each step costs little at this step size and makes the step times honest.
+        state.metrics.block_until_ready()
+        now = time.perf_counter()
+        step_ms.append((now - t_last) * 1e3)
+        t_last = now
+        if after_step is not None and after_step(i + 1, state):
+            return state, step_ms, i + 1, True
+    return state, step_ms, steps, False
+
+
+# Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
+RESUME_KEYS = (
+    "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
+    "batch_size", "learning_rate", "optimizer", "seed", "synthetic_per_class",
+)  # fmt: skip
+
+
+def _check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path) -> None:
+    for key in RESUME_KEYS:
+        if saved["config"].get(key) != getattr(config, key):
+            raise ValueError(
+                f"--{key.replace('_', '-')} is {getattr(config, key)!r} but the run in "
+                f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
+                "or --restart / another --workdir to start over"
+            )
+    if saved.get("data_fingerprint") != fingerprint:
+        raise ValueError(
+            f"the data differs from the run in {workdir} (other files or labels): resume with "
+            "the same data, or --restart / another --workdir to start over"
+        )
+
+
+def data_fingerprint(dataset: data_lib.Dataset) -> str:
+    """SHA-256 of the file names, labels and pixels, to refuse resuming on other data."""
+    h = hashlib.sha256("\n".join(map(str, dataset.paths)).encode())
+    h.update(np.ascontiguousarray(dataset.labels, np.int32).tobytes())
+    h.update(np.ascontiguousarray(dataset.images).tobytes())
+    return h.hexdigest()
+
+
+def fit(
+    config: Config,
+    dataset: data_lib.Dataset,
+    workdir: Path | None = None,
+    verbose: bool = True,
+    *,
+    restart: bool = False,
+    resume_fallback: bool = False,
+    save_every: int | None = None,
+    should_stop=None,
+):
+    """Splits the data, trains, evaluates on the test split; writes config and metrics JSON.
+
+    With a workdir, a checkpoint is saved after every epoch (and every `save_every` steps), and
+    a workdir that already holds checkpoints is resumed from its latest one. `should_stop()`
+    is polled after every step; when it returns True a checkpoint is saved and `Interrupted`
+    is raised.
+    """
     num_classes = config.num_classes or dataset.num_classes
     if dataset.num_classes > num_classes:
         raise ValueError(
@@ -185,6 +253,8 @@ def fit(config: Config, dataset: data_lib.Dataset, workdir: Path | None = None, 
     images = jnp.asarray(dataset.images)
     labels = jnp.asarray(dataset.labels)
     train_images, train_labels = images[train_idx], labels[train_idx]
+    test_images, test_labels = images[test_idx], labels[test_idx]
+    fingerprint = data_fingerprint(dataset)
     metrics = {
         "model": config.model,
         "params": count_params(nnx.merge(trainer.graphdef, state.params)),
@@ -194,37 +264,114 @@ def fit(config: Config, dataset: data_lib.Dataset, workdir: Path | None = None, 
         "skipped_files": [{"path": p, "reason": r} for p, r in dataset.skipped],
         "epochs": [],
     }
+    say = print if verbose else (lambda *a, **k: None)
+    store, first_epoch, start = None, 0, 0
     if workdir is not None:
+        from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
+
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
+        store = Checkpoints(workdir)
+        if restart:
+            store.clear()
+        elif store.steps():
+            check = lambda meta: _check_resumable(meta, config, fingerprint, workdir)  # noqa: E731
+            state, meta = _restore_latest(store, state, resume_fallback, say, check)
+            first_epoch, start = meta["epoch"], meta["step_in_epoch"]
+            metrics["epochs"] = meta["epochs"]
+            say(f"resuming {workdir} from step {int(state.step)} (epoch {first_epoch + 1}, "
+                f"step {start})")  # fmt: skip
         config.write(workdir / "config.json")
+
+    steps_per_epoch = -(-len(train_idx) // config.batch_size)
+
+    def save(epoch, step_in_epoch, state, test_accuracy=None):
+        meta = {
+            "config": dataclasses.asdict(config),
+            "num_classes": num_classes,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "epochs": metrics["epochs"],
+            "data_fingerprint": fingerprint,
+        }
+        store.save(int(state.step), state, meta, test_accuracy)
+
     all_step_ms = []
-    dropout_seed = config.seed
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         order = epoch_order(config.seed, epoch, len(train_idx))
-        progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size), verbose)
+        progress = Progress(epoch, config.epochs, steps_per_epoch, verbose)
+
+        def after_step(i, s, epoch=epoch, progress=progress):
+            progress.update(i, s.metrics)
+            if store is not None and save_every and int(s.step) % save_every == 0:
+                save(epoch, i, s)
+            return should_stop is not None and should_stop()
+
         t0 = time.perf_counter()
-        state, step_ms = train_epoch(
-            trainer, state, train_images, train_labels, order, dropout_seed, progress
-        )
+        state, step_ms, done, stopped = train_epoch(
+            trainer, state, train_images, train_labels, order, config.seed,
+            start=start, after_step=after_step,
+        )  # fmt: skip
+        all_step_ms += step_ms[1:] if not all_step_ms else step_ms  # the first step compiles
+        if done < steps_per_epoch:  # stopped on request mid-epoch
+            if store is not None:
+                save(epoch, done, state)
+            _interrupted(store, progress, state, epoch, done, steps_per_epoch)
+        start = 0
         loss_sum, correct, count = np.asarray(state.metrics)
         record = {
             "train_loss": float(loss_sum / count),
             "train_accuracy": float(correct / count),
             "seconds": time.perf_counter() - t0,
         }
-        if config.eval_every_epoch:
-            ev = evaluate(trainer, state.params, images[test_idx], labels[test_idx])
+        if config.eval_every_epoch or store is not None:
+            ev = evaluate(trainer, state.params, test_images, test_labels)
             record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         progress.close(record)
         metrics["epochs"].append(record)
-        all_step_ms += step_ms[1:] if epoch == 0 else step_ms  # the first step compiles
-    ev = evaluate(trainer, state.params, images[test_idx], labels[test_idx])
+        if store is not None:
+            save(epoch + 1, 0, state, record["test_accuracy"])
+        if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
+            _interrupted(store, None, state, epoch + 1, 0, steps_per_epoch)
+    ev = evaluate(trainer, state.params, test_images, test_labels)
     metrics.update(
         test_loss=ev["loss"],
         test_accuracy=ev["accuracy"],
         median_step_ms=statistics.median(all_step_ms) if all_step_ms else None,
     )
-    if workdir is not None:
+    if store is not None:
+        store.close()
+        metrics["checkpoints"] = str(store.directory)
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return state, metrics
+
+
+def _interrupted(store, progress, state, epoch, step_in_epoch, steps_per_epoch):
+    if store is not None:
+        store.close()
+    if progress is not None:
+        progress.interrupt()
+    where = f"; checkpoint saved in {store.directory}" if store is not None else ""
+    raise Interrupted(
+        f"stopped at step {int(state.step)} (epoch {epoch + 1}, step {step_in_epoch} of "
+        f"{steps_per_epoch}){where}"
+    )
+
+
+def _restore_latest(store, template, fallback: bool, say, check):
+    """The newest checkpoint; with `fallback`, the newest intact one when newer ones are corrupt.
+
+    `check(meta)` runs before the arrays are read, so a changed setting is named as such.
+    """
+    from cnn_jax.checkpoint import CheckpointError
+
+    for step in reversed(store.steps()):
+        try:
+            check(store.read_meta(step))
+            return store.restore(step, template)
+        except CheckpointError as e:
+            if not fallback:
+                msg = f"{e}; --resume-fallback resumes from the newest intact one"
+                raise CheckpointError(msg) from None
+            say(f"warning: {e}; trying an older checkpoint")
+    raise CheckpointError(f"no intact checkpoint in {store.directory}; use --restart")

@@ -1,0 +1,189 @@
+"""Orbax checkpoints of a run: save, find, verify and restore. The only module that imports orbax.
+
+A checkpoint is WORKDIR/checkpoints/<step>/ with two items:
+  state: the whole training state (params, optimizer state, step, running epoch metrics) as a
+         flat {path: array} dict, so it restores into any structure and onto any device count;
+  meta:  JSON with the config, epoch and position in it, the metrics so far and a SHA-256 of the
+         parameters, which every restore checks.
+Orbax writes each step into a temporary folder and renames it when complete, so a process killed
+mid-save leaves nothing that is picked up later.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or does not fit the run."""
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+    """{'params/conv1/kernel': array, ...}: plain string keys survive any orbax round trip."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(
+            str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path
+        )
+        flat[key] = np.asarray(leaf)
+    return flat
+
+
+def unflatten(template, flat: dict[str, np.ndarray], where: str = "checkpoint"):
+    """Fills `template`'s structure from `flat`, checking every key, shape and dtype."""
+    expected = flatten(template)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise CheckpointError(f"{where} lacks {missing[0]} ({len(missing)} arrays missing)")
+    for key, ref in expected.items():
+        got = flat[key]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            got_s, ref_s = f"{got.dtype}{list(got.shape)}", f"{ref.dtype}{list(ref.shape)}"
+            raise CheckpointError(f"{where}: {key} is {got_s}, expected {ref_s}")
+    leaves = [flat[k] for k in expected]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def params_digest(params) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key, value in sorted(flatten(params).items()):
+        value = np.ascontiguousarray(value)
+        h.update(f"{key}|{value.dtype.str}|{value.shape}\n".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+class Checkpoints:
+    """The checkpoints of one run folder: keeps the latest `keep_latest` and the best one."""
+
+    def __init__(self, workdir: Path | str, keep_latest: int = 2, read_only: bool = False):
+        # Orbax needs absolute paths, whatever the user typed.
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        policy = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(keep_latest),
+                # Mid-epoch saves carry no test accuracy; only LatestN keeps those.
+                policies.BestN(
+                    get_metric_fn=lambda m: m["test_accuracy"],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            # Saves are small (a few MB) and synchronous, so an exit can never lose one.
+            enable_async_checkpointing=False,
+            # Reading must not create folders; orbax's read_only mode only adds log noise.
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict[str, Any], test_accuracy: float | None = None):
+        meta = dict(
+            meta,
+            step=int(step),
+            test_accuracy=test_accuracy,
+            params_sha256=params_digest(state.params),
+        )
+        metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)
+            ),
+            metrics=metrics,
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(self._corrupt(step, f"unreadable meta ({e})")) from None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError(self._corrupt(step, "meta lacks the config"))
+        return meta
+
+    def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
+        """The state at `step`, shaped like `template`, with its meta; verified by digest."""
+        meta = self.read_meta(step)
+        target = {k: np.zeros(v.shape, v.dtype) for k, v in flatten(template).items()}
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target, strict=False)),
+            )
+            flat = {k: np.asarray(v) for k, v in restored["state"].items()}
+        except Exception as e:  # orbax raises many kinds for damaged files
+            raise CheckpointError(self._corrupt(step, _first_line(e))) from None
+        state = unflatten(template, flat, f"checkpoint step {step}")
+        if params_digest(state.params) != meta.get("params_sha256"):
+            raise CheckpointError(self._corrupt(step, "parameters do not match their SHA-256"))
+        return state, meta
+
+    def best_step(self) -> int | None:
+        """The step with the highest recorded test accuracy (the latest if none has one)."""
+        scored = []
+        for step in self.steps():
+            acc = self.read_meta(step).get("test_accuracy")
+            if acc is not None:
+                scored.append((acc, step))
+        if scored:
+            return max(scored)[1]
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def clear(self) -> None:
+        """Deletes every checkpoint of the run (for --restart)."""
+        self.manager.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.__init__(self.directory.parent)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _corrupt(self, step: int, why: str) -> str:
+        return f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {why}"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def locate(path: Path | str) -> tuple[Checkpoints, int]:
+    """A run folder, its checkpoints/ folder or one step's folder -> (checkpoints, step).
+
+    For a run folder the best checkpoint is chosen, for a step folder that step.
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        store = Checkpoints(path.parent.parent, read_only=True)
+        if int(path.name) not in store.steps():
+            raise CheckpointError(f"{path} is not a complete checkpoint")
+        return store, int(path.name)
+    workdir = path.parent if path.name == "checkpoints" else path
+    if not (workdir / "checkpoints").is_dir():
+        raise CheckpointError(f"{path} holds no checkpoints/ folder: give a run folder or a step")
+    store = Checkpoints(workdir, read_only=True)
+    step = store.best_step()
+    if step is None:
+        raise CheckpointError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
+    return store, step

@@ -1,0 +1,110 @@
+"""Using a trained checkpoint: restore it for inference, evaluate a folder, classify files."""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnn_jax import data as data_lib
+from cnn_jax.checkpoint import locate
+from cnn_jax.config import Config
+from cnn_jax.models import count_params
+from cnn_jax.signs import sign_name
+from cnn_jax.train import Trainer, create_trainer, evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint ready for inference."""
+
+    config: Config
+    trainer: Trainer
+    state: Any
+    meta: dict[str, Any]
+    step: int
+    directory: Path
+
+    @property
+    def params(self):
+        return self.state.params
+
+    def param_count(self) -> int:
+        from flax import nnx
+
+        return count_params(nnx.merge(self.trainer.graphdef, self.params))
+
+
+def load_checkpoint(path: Path | str) -> Restored:
+    """A run folder (its best checkpoint), its checkpoints/ folder, or one step's folder."""
+    store, step = locate(path)
+    meta = store.read_meta(step)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+    trainer, template = create_trainer(config, meta["num_classes"])
+    state, meta = store.restore(step, template)
+    store.close()
+    return Restored(config, trainer, state, meta, step, store.directory / str(step))
+
+
+def evaluate_checkpoint(
+    restored: Restored, data_dir=None, layout="auto", cache_dir=None
+) -> dict[str, Any]:
+    """Every image of `data_dir`, or without one the run's own test split, evaluated."""
+    cfg = restored.config
+    if data_dir is None:
+        if cfg.data is None:
+            from cnn_jax.synthetic import make_synthetic
+
+            ds = make_synthetic(
+                cfg.synthetic_per_class, cfg.image_size, restored.meta["num_classes"]
+            )
+        else:
+            ds = data_lib.load_folder(
+                cfg.data, layout=cfg.layout, image_size=cfg.image_size, cache_dir=cache_dir
+            )
+        _, idx = data_lib.split_indices(ds.labels, cfg.test_size, cfg.seed, cfg.split, ds.paths)
+        source = f"the test split of {cfg.data or 'the synthetic signs'}"
+    else:
+        ds = data_lib.load_folder(
+            data_dir, layout=layout, image_size=cfg.image_size, cache_dir=cache_dir
+        )
+        idx = np.arange(len(ds.labels))
+        source = str(Path(data_dir).resolve())
+    if ds.num_classes > restored.meta["num_classes"]:
+        raise ValueError(
+            f"the data has class ids up to {ds.num_classes - 1}; the model knows "
+            f"{restored.meta['num_classes']} classes"
+        )
+    ev = evaluate(restored.trainer, restored.params, ds.images[idx], ds.labels[idx])
+    ev.pop("predictions")
+    return {
+        "checkpoint": str(restored.directory),
+        "data": source,
+        "skipped_files": [{"path": p, "reason": r} for p, r in ds.skipped],
+        **ev,
+        "per_class": [
+            {"class": c, "name": sign_name(c), "n": int(np.sum(ds.labels[idx] == c)), "accuracy": a}
+            for c, a in ev.pop("per_class_accuracy").items()
+        ],
+    }
+
+
+def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
+    """For each path, (path, [(class, name, probability), ...] or an error string)."""
+    if top_k < 1:
+        raise ValueError("--top-k must be at least 1")
+    results, images, ok = [], [], []
+    for p in paths:
+        try:
+            images.append(data_lib.decode_image(p, restored.config.image_size))
+            ok.append(len(results))
+            results.append((p, None))
+        except (OSError, ValueError) as e:
+            results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}"))
+    if images:
+        probs = np.asarray(restored.trainer.probabilities(restored.params, np.stack(images)))
+        for row, i in zip(probs, ok):
+            top = np.argsort(-row, kind="stable")[:top_k]
+            results[i] = (paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top])
+    return results

@@ -1,0 +1,219 @@
+"""Checkpoints: exact resume, interruptions, corruption, and the commands that read them."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnn_jax import checkpoint, train
+from cnn_jax.checkpoint import CheckpointError, Checkpoints
+from cnn_jax.cli import main
+from cnn_jax.config import Config
+from cnn_jax.synthetic import make_synthetic
+
+CFG = Config(epochs=2, synthetic_per_class=20)  # 516 train images: 17 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_synthetic(CFG.synthetic_per_class)
+
+
+@pytest.fixture(scope="module")
+def reference(small, tmp_path_factory):
+    """An uninterrupted run: its final digest and metrics."""
+    workdir = tmp_path_factory.mktemp("ref")
+    state, metrics = train.fit(CFG, small, workdir, verbose=False)
+    return checkpoint.params_digest(state.params), metrics, workdir
+
+
+def _stop_at(step):
+    calls = iter(range(1, 10_000))
+    return lambda: next(calls) == step
+
+
+def _losses(metrics):
+    return [(e["train_loss"], e["train_accuracy"], e["test_accuracy"]) for e in metrics["epochs"]]
+
+
+@pytest.mark.parametrize("stop_step", [9, 17])  # mid-epoch 1, and at the end of epoch 1
+def test_resume_is_bit_identical(small, reference, tmp_path, stop_step):
+    digest, ref_metrics, _ = reference
+    with pytest.raises(train.Interrupted, match=f"stopped at step {stop_step}"):
+        train.fit(CFG, small, tmp_path, verbose=False, should_stop=_stop_at(stop_step))
+    assert Checkpoints(tmp_path).steps()[-1] == stop_step
+    state, metrics = train.fit(CFG, small, tmp_path, verbose=False)
+    assert checkpoint.params_digest(state.params) == digest
+    assert _losses(metrics) == _losses(ref_metrics)
+    assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+
+
+def test_keeps_latest_two_and_the_best(small, tmp_path):
+    cfg = Config(epochs=4, synthetic_per_class=20)
+    train.fit(cfg, small, tmp_path, verbose=False, save_every=5)
+    store = Checkpoints(tmp_path)
+    best = store.best_step()
+    accs = {s: store.read_meta(s)["test_accuracy"] for s in store.steps()}
+    assert store.steps()[-2:] == [65, 68]  # step 65 is a --save-every save, 68 the last epoch
+    assert set(store.steps()) - {65, 68} <= {best}
+    assert accs[best] == max(a for a in accs.values() if a is not None)
+
+
+def test_changing_a_setting_on_resume_names_it(small, tmp_path):
+    with pytest.raises(train.Interrupted):
+        train.fit(CFG, small, tmp_path, verbose=False, should_stop=_stop_at(3))
+    with pytest.raises(ValueError, match="--model is 1 but the run"):
+        train.fit(Config(model=1, epochs=2, synthetic_per_class=20), small, tmp_path, verbose=False)
+    other = make_synthetic(20, seed=7)
+    with pytest.raises(ValueError, match="the data differs"):
+        train.fit(CFG, other, tmp_path, verbose=False)
+    # --restart starts over; more epochs than planned is a resume, not a change
+    train.fit(CFG, small, tmp_path, verbose=False, restart=True)
+    _, m = train.fit(Config(epochs=3, synthetic_per_class=20), small, tmp_path, verbose=False)
+    assert len(m["epochs"]) == 3
+
+
+def _largest_file(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# Orbax leaves asyncio callbacks behind when a damaged file fails to read.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_checkpoint_is_named_and_fallback_resumes(small, reference, tmp_path):
+    digest, _, _ = reference
+    with pytest.raises(train.Interrupted):
+        train.fit(CFG, small, tmp_path, verbose=False, save_every=4, should_stop=_stop_at(10))
+    steps = Checkpoints(tmp_path).steps()
+    assert steps == [8, 10]
+    victim = _largest_file(tmp_path / "checkpoints" / "10" / "state")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="checkpoint step 10 .* corrupt"):
+        train.fit(CFG, small, tmp_path, verbose=False)
+    info = subprocess.run(
+        [sys.executable, "-m", "cnn_jax", "info", str(tmp_path / "checkpoints" / "10")],
+        capture_output=True,
+        text=True,
+    )
+    assert info.returncode == 2 and "Traceback" not in info.stderr
+    assert info.stderr.count("\n") == 1 and "step 10" in info.stderr
+    state, _ = train.fit(CFG, small, tmp_path, verbose=False, resume_fallback=True)
+    assert checkpoint.params_digest(state.params) == digest
+
+
+def test_flipped_bytes_and_missing_items_are_detected(small, tmp_path):
+    train.fit(Config(epochs=1, synthetic_per_class=20), small, tmp_path, verbose=False)
+    store = Checkpoints(tmp_path)
+    _, template = train.create_trainer(CFG, 43)
+    meta_file = tmp_path / "checkpoints" / "17" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, params_sha256="0" * 64)))
+    with pytest.raises(CheckpointError, match="do not match their SHA-256"):
+        store.restore(17, template)
+    with open(meta_file, "wb") as fh:  # a pickle where JSON belongs is never unpickled
+        pickle.dump({"config": os.system}, fh)
+    with pytest.raises(CheckpointError, match="unreadable meta"):
+        store.restore(17, template)
+    flat = checkpoint.flatten(template)
+    flat.pop("params/logits/bias/value")
+    with pytest.raises(CheckpointError, match="lacks params/logits/bias"):
+        checkpoint.unflatten(template, flat)
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnn_jax", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_step(workdir: Path, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+TRAIN = ["train", "--epochs", "2", "--synthetic-per-class", "20", "--save-every", "3", "--quiet"]
+
+
+def _info_digest(workdir, cwd):
+    out = subprocess.run(
+        [sys.executable, "-m", "cnn_jax", "info", str(workdir / "checkpoints" / "34"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=True,
+    ).stdout
+    return json.loads(out)["params_sha256"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signals_then_resume_match_an_uninterrupted_run(reference, tmp_path, sig):
+    digest, _, _ = reference
+    workdir = tmp_path / "run"
+    proc = _cli(*TRAIN, "--workdir", str(workdir), cwd=tmp_path)
+    _wait_for_step(workdir)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "interrupted: stopped at step" in err and "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # a half-written save looks like this; it must never be picked up
+    (workdir / "checkpoints" / "999.orbax-checkpoint-tmp-1").mkdir()
+    proc = _cli(*TRAIN, "--workdir", str(workdir), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _info_digest(workdir, tmp_path) == digest
+
+
+def test_evaluate_predict_and_info_commands(reference, tmp_path, capsys):
+    _, metrics, workdir = reference
+    assert main(["evaluate", str(workdir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == metrics["test_accuracy"]  # the run's own test split
+    assert result["n"] == metrics["n_test"] and len(result["per_class"]) == 43
+    assert result["per_class"][14]["name"] == "Stop"
+
+    image = tmp_path / "sign.png"
+    from PIL import Image
+
+    Image.fromarray(make_synthetic(1).images[14]).save(image)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    code = main(["predict", str(workdir), str(image), str(tmp_path / "broken.jpg"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    rows = json.loads(captured.out)
+    assert len(rows[0]["top"]) == 3 and "error" in rows[1]
+    probs = [t["probability"] for t in rows[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert "broken.jpg" in captured.err
+
+    assert main(["info", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "params: 319979" in out and "params_sha256: " in out
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_bad_checkpoint_paths_exit_2(tmp_path, capsys, what):
+    path = tmp_path / what
+    if what == "empty":
+        path.mkdir()
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
