@@ -1,6 +1,7 @@
 """The `cnn-jax` command: parses arguments, calls one library function per command, prints."""
 
 import argparse
+import importlib.metadata
 import json
 import signal
 import sys
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a checkpoint holds, with a digest of its parameters")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+
+    # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
+    # never imports them; they register through this entry-point group.
+    for entry in importlib.metadata.entry_points(group="cnn_jax.commands"):
+        entry.load()(sub)
     return p
 
 
@@ -268,7 +274,7 @@ def main(argv=None) -> int:
     sys.unraisablehook = _quiet_unraisable
     commands = {"train": _train, "evaluate": _evaluate, "predict": _predict, "info": _info}
     try:
-        return commands[args.command](args)
+        return commands.get(args.command, getattr(args, "run", None))(args)
     except (ValueError, OSError) as e:
         print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ class Config:
     batch_size: int = 32  # Keras' fit default, which the tutorial keeps
     learning_rate: float = 1e-3  # Keras' Adam default
     optimizer: str = "keras-adam"  # keras-adam (Keras' formula) or adam (optax's)
+    dropout: float = 0.5  # the tutorial's Dropout(0.5); 0 switches it off (parity tests)
     seed: int = 0  # drives the split, the initial weights, the batch order and dropout
     eval_every_epoch: bool = False  # also evaluate on the test split after every epoch
     synthetic_per_class: int = 100  # images per class when no data folder is given

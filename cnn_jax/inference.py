@@ -52,6 +52,11 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Every image of `data_dir`, or without one the run's own test split, evaluated."""
     cfg = restored.config
+    if data_dir is None and restored.meta.get("imported_from"):
+        raise ValueError(
+            f"{restored.directory} was imported from {restored.meta['imported_from']} and has no "
+            "data of its own: give a data folder to evaluate on"
+        )
     if data_dir is None:
         if cfg.data is None:
             from cnn_jax.synthetic import make_synthetic

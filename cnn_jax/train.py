@@ -127,7 +127,9 @@ class Trainer:
 
 def create_trainer(config: Config, num_classes: int):
     """The Trainer and the initial state for a config."""
-    model = create_model(config.model, config.image_size, num_classes, seed=config.seed)
+    model = create_model(
+        config.model, config.image_size, num_classes, seed=config.seed, dropout=config.dropout
+    )
     graphdef, params = nnx.split(model)
     tx = create_optimizer(config.optimizer, config.learning_rate)
     trainer = Trainer(graphdef, tx, config.pixels, config.batch_size)
@@ -193,7 +195,7 @@ def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_s
 # Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
 RESUME_KEYS = (
     "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
-    "batch_size", "learning_rate", "optimizer", "seed", "synthetic_per_class",
+    "batch_size", "learning_rate", "optimizer", "dropout", "seed", "synthetic_per_class",
 )  # fmt: skip
 
 

@@ -1,0 +1,160 @@
+"""Weights across the border: Keras `.keras`/`.h5` files <-> cnn_jax orbax checkpoints.
+
+Keras and Flax share kernel layouts (conv HWIO, dense (in, out)) and Flatten's NHWC order, so
+every array copies as it is, matched by position in the model.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import keras
+import numpy as np
+from flax import nnx
+
+from cnn_jax.checkpoint import Checkpoints
+from cnn_jax.config import Config
+from cnn_jax.inference import load_checkpoint
+from cnn_jax.train import create_trainer
+from keras_ref.models import create_model
+
+# What must match, per layer type, for a Keras layer to be the tutorial's. Dropout's rate and
+# the last layer's activation do not change which network it is.
+_SIGNATURE = {
+    "Conv2D": ("filters", "kernel_size", "strides", "padding", "activation", "use_bias"),
+    "MaxPooling2D": ("pool_size", "strides", "padding"),
+    "Flatten": (),
+    "Dense": ("units", "activation", "use_bias"),
+    "Dropout": (),
+}
+
+
+class ConversionError(ValueError):
+    """A Keras file that is not one of the two networks, or cannot be read."""
+
+
+def _describe(layer) -> str:
+    cfg = layer.get_config()
+    keys = _SIGNATURE.get(type(layer).__name__, ())
+    return f"{type(layer).__name__}(" + ", ".join(f"{k}={cfg.get(k)!r}" for k in keys) + ")"
+
+
+def _first_difference(net: keras.Model, ref: keras.Model) -> str | None:
+    """None when `net` has `ref`'s architecture; else a sentence about the first difference."""
+    got, want = net.layers, ref.layers
+    for i, w in enumerate(want):
+        if i >= len(got):
+            return f"it ends after {len(got)} layers, where {w.name} = {_describe(w)} should follow"
+        g = got[i]
+        keys = _SIGNATURE[type(w).__name__]
+        if i == len(want) - 1:
+            keys = tuple(k for k in keys if k != "activation")
+        same_type = type(g).__name__ == type(w).__name__
+        if not same_type or any(g.get_config().get(k) != w.get_config().get(k) for k in keys):
+            return f"layer {i + 1} ({g.name!r}) is {_describe(g)}, expected {_describe(w)}"
+    if len(got) > len(want):
+        return f"it has {len(got) - len(want)} extra layers from {got[len(want)].name!r} on"
+    return None
+
+
+def identify(net: keras.Model) -> int:
+    """1 or 2: which tutorial network `net` is, by its layers (names do not matter)."""
+    shape = net.input_shape
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ConversionError(f"input shape {shape} is not (None, S, S, 3)")
+    num_classes = net.layers[-1].get_config().get("units")
+    differences = {}
+    for model in (1, 2):
+        try:
+            ref = create_model(model, shape[1], num_classes or 1)
+        except ValueError as e:
+            differences[model] = str(e)
+            continue
+        differences[model] = _first_difference(net, ref)
+        if differences[model] is None:
+            return model
+    # Name the difference of the closer candidate: the one whose first block matches longer.
+    model = 2 if len(net.layers) > 6 else 1
+    raise ConversionError(f"not the tutorial's Model {model}: {differences[model]}")
+
+
+def keras_weights(net: keras.Model, model: int) -> dict[str, dict[str, np.ndarray]]:
+    """{'conv1': {'kernel', 'bias'}, ...} from a Keras model of the given architecture."""
+    names = ["conv1", "conv2", "dense1", "logits"] if model == 2 else ["conv1", "dense1", "logits"]
+    layers = [layer for layer in net.layers if layer.weights]
+    return {
+        name: {"kernel": np.asarray(layer.kernel.numpy()), "bias": np.asarray(layer.bias.numpy())}
+        for name, layer in zip(names, layers, strict=True)
+    }
+
+
+def load_keras(path: Path | str) -> keras.Model:
+    """A `.keras` or legacy `.h5` file, loaded in Keras' safe mode (no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist")
+    if path.suffix not in (".keras", ".h5"):
+        raise ConversionError(f"{path} is not a .keras or .h5 file")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many kinds for damaged or foreign files
+        raise ConversionError(f"cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def import_keras(path: Path | str, ckpt_dir: Path | str, pixels: str = "raw") -> Path:
+    """Writes the Keras model at `path` as a cnn_jax checkpoint (step 0) in `ckpt_dir`."""
+    if pixels not in ("raw", "unit"):
+        raise ConversionError(f"unknown pixel scaling {pixels!r}: choose raw or unit")
+    net = load_keras(path)
+    model = identify(net)
+    num_classes = int(net.layers[-1].get_config()["units"])
+    config = Config(
+        model=model,
+        image_size=int(net.input_shape[1]),
+        num_classes=num_classes,
+        pixels=pixels,
+        epochs=0,
+    )
+    trainer, state = create_trainer(config, num_classes)
+    params = nnx.to_pure_dict(state.params)
+    params.update(keras_weights(net, model))
+    nnx.replace_by_pure_dict(state.params, params)
+    store = Checkpoints(ckpt_dir)
+    if store.steps():
+        raise ConversionError(f"{store.directory} already holds checkpoints: choose a new folder")
+    meta = {
+        "config": dataclasses.asdict(config),
+        "num_classes": num_classes,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "epochs": [],
+        "data_fingerprint": None,
+        "imported_from": str(Path(path).resolve()),
+    }
+    store.save(0, state, meta)
+    store.close()
+    return store.directory / "0"
+
+
+def to_keras(ckpt: Path | str) -> keras.Model:
+    """The checkpoint's network as a compiled Keras model with its weights."""
+    restored = load_checkpoint(ckpt)
+    cfg = restored.config
+    net = create_model(cfg.model, cfg.image_size, restored.meta["num_classes"])
+    for name, arrays in nnx.to_pure_dict(restored.params).items():
+        net.get_layer(name).set_weights([np.asarray(arrays["kernel"]), np.asarray(arrays["bias"])])
+    return net
+
+
+def export_keras(ckpt: Path | str, out: Path | str) -> Path:
+    """Saves the checkpoint's network as a `.keras` (or `.h5`) file."""
+    out = Path(out)
+    if out.suffix not in (".keras", ".h5"):
+        raise ConversionError(f"{out} must end in .keras or .h5")
+    if out.exists():
+        raise ConversionError(f"{out} exists: not overwriting it")
+    net = to_keras(ckpt)
+    # A compiled model whose optimizer was never built saves 2 optimizer variables and then
+    # fails to load into the 18 that loading builds; building it first keeps the file loadable.
+    net.optimizer.build(net.trainable_variables)
+    net.save(out)
+    return out

@@ -1,0 +1,48 @@
+"""The tutorial's Model 1 and Model 2 in Keras 3, layer for layer as in cnn_jax/models.py."""
+
+import keras
+from keras import layers
+
+
+def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> keras.Sequential:
+    """The tutorial's `get_model()`, compiled as it compiles it."""
+    if model not in (1, 2):
+        raise ValueError(f"unknown model {model!r}: choose 1 or 2")
+    blocks = [
+        layers.Conv2D(32, (3, 3), activation="relu", name="conv1"),
+        layers.MaxPooling2D(pool_size=(2, 2), name="pool1"),
+    ]
+    if model == 2:
+        blocks += [
+            layers.Conv2D(64, (3, 3), activation="relu", name="conv2"),
+            layers.MaxPooling2D(pool_size=(2, 2), name="pool2"),
+        ]
+    net = keras.Sequential(
+        [
+            keras.Input(shape=(image_size, image_size, 3)),
+            *blocks,
+            layers.Flatten(name="flatten"),
+            layers.Dense(128, activation="relu", name="dense1"),
+            layers.Dropout(0.5, name="dropout"),
+            layers.Dense(num_classes, activation="softmax", name="logits"),
+        ],
+        name=f"model{model}",
+    )
+    compile_model(net)
+    return net
+
+
+def compile_model(net: keras.Model, learning_rate: float = 1e-3) -> None:
+    net.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def logits_model(net: keras.Model) -> keras.Model:
+    """A copy of `net` whose last layer has no softmax: its pre-softmax outputs."""
+    copy = keras.models.clone_model(net)
+    copy.set_weights(net.get_weights())
+    copy.layers[-1].activation = keras.activations.linear
+    return copy

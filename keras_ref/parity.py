@@ -1,0 +1,68 @@
+"""Measured differences between the Flax port and the Keras reference, for tests and scripts.
+
+Both sides start from the same weights (copied from a seeded Keras model) and see the same
+inputs; dropout is off, as inference is and as training must be for a step-by-step comparison.
+"""
+
+import keras
+import numpy as np
+from flax import nnx
+
+from cnn_jax.config import Config
+from cnn_jax.train import create_trainer
+from keras_ref.convert import keras_weights
+from keras_ref.models import create_model, logits_model
+
+
+def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0, dropout=0.5):
+    """A seeded Keras model and a cnn_jax Trainer and state holding the same weights."""
+    keras.utils.set_random_seed(seed)
+    net = create_model(model, image_size, num_classes)
+    cfg = Config(model=model, image_size=image_size, dropout=dropout, pixels="unit")
+    trainer, state = create_trainer(cfg, num_classes)
+    params = nnx.to_pure_dict(state.params)
+    params.update(keras_weights(net, model))
+    nnx.replace_by_pure_dict(state.params, params)
+    return net, trainer, state
+
+
+def random_images(n: int, image_size: int = 30, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, image_size, image_size, 3), np.uint8)
+
+
+def forward_difference(model: int, n: int = 64, seed: int = 0) -> dict:
+    """Max |Flax logits - Keras pre-softmax outputs| and prediction agreement on random images."""
+    net, trainer, state = twins(model, seed=seed)
+    images = random_images(n, seed=seed)
+    x = images.astype(np.float32) / 255.0
+    ours = np.asarray(trainer.apply(state.params, images))
+    theirs = np.asarray(logits_model(net)(x, training=False))
+    return {
+        "max_abs": float(np.max(np.abs(ours - theirs))),
+        "logit_scale": float(np.max(np.abs(theirs))),
+        "same_predictions": bool(np.array_equal(ours.argmax(-1), theirs.argmax(-1))),
+    }
+
+
+def training_difference(model: int, steps: int = 5, batch: int = 32, seed: int = 0) -> dict:
+    """Max |weight difference| after `steps` Adam steps on the same fixed batches, dropout off."""
+    net, trainer, state = twins(model, seed=seed, dropout=0.0)
+    net.get_layer("dropout").rate = 0.0
+    images = random_images(steps * batch, seed=seed + 1)
+    labels = np.random.default_rng(seed + 2).integers(0, 43, steps * batch).astype(np.int32)
+    x = images.astype(np.float32) / 255.0
+    y = keras.utils.to_categorical(labels, 43)
+    order = np.arange(steps * batch, dtype=np.int32)
+    for i in range(steps):
+        s = slice(i * batch, (i + 1) * batch)
+        net.train_on_batch(x[s], y[s])
+        state = trainer.train_step(state, images, labels, order, len(order), i, 0)
+    ours = nnx.to_pure_dict(state.params)
+    theirs = keras_weights(net, model)
+    start = keras_weights(twins(model, seed=seed)[0], model)
+    diff = moved = 0.0
+    for layer, arrays in theirs.items():
+        for name, value in arrays.items():
+            diff = max(diff, float(np.max(np.abs(np.asarray(ours[layer][name]) - value))))
+            moved = max(moved, float(np.max(np.abs(value - start[layer][name]))))
+    return {"max_abs": diff, "max_weight_change": moved}

@@ -1,0 +1,155 @@
+"""The port against the Keras reference: layers, forward, training steps, Adam, conversion."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="the parity tests need the keras extra")
+pytest.importorskip("keras_ref")  # pins the TensorFlow backend before keras loads
+keras = pytest.importorskip("keras")
+
+from flax import nnx  # noqa: E402
+
+from cnn_jax.cli import main  # noqa: E402
+from cnn_jax.optim import keras_adam  # noqa: E402
+from keras_ref import convert, parity  # noqa: E402
+from keras_ref.models import create_model  # noqa: E402
+
+
+@pytest.mark.parametrize("model", [1, 2])
+@pytest.mark.parametrize("size", [30, 48])
+def test_every_layer_has_keras_shape_and_parameter_count(model, size):
+    net, trainer, state = parity.twins(model, image_size=size)
+    flax_model = nnx.merge(trainer.graphdef, state.params)
+    x = np.zeros((2, size, size, 3), np.float32)
+    ours = flax_model.outputs(x)
+    assert [name for name, _ in ours] == [layer.name for layer in net.layers]
+    for (name, out), layer in zip(ours, net.layers):
+        assert out.shape[1:] == tuple(layer.output.shape[1:]), name
+        sub = getattr(flax_model, name, None)
+        n = 0 if sub is None else sum(p.size for p in jax_leaves(nnx.state(sub, nnx.Param)))
+        assert n == layer.count_params(), name
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_forward_matches_keras(model):
+    d = parity.forward_difference(model)
+    assert d["max_abs"] < 1e-5, d
+    assert d["same_predictions"]
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_five_adam_steps_match_keras(model):
+    d = parity.training_difference(model, steps=5)
+    assert d["max_weight_change"] > 1e-3  # the weights did move
+    assert d["max_abs"] < 1e-4, d
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-7])  # tiny gradients: where optax's Adam differs
+def test_keras_adam_matches_keras_optimizer(scale):
+    import jax.numpy as jnp
+    import optax
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(20,)).astype(np.float32)
+    grads = [(rng.normal(size=(20,)) * scale).astype(np.float32) for _ in range(5)]
+    var = keras.Variable(w0)
+    opt = keras.optimizers.Adam(1e-3)
+    tx = keras_adam(1e-3)
+    w, s = jnp.asarray(w0), tx.init(jnp.asarray(w0))
+    for g in grads:
+        opt.apply_gradients([(keras.ops.convert_to_tensor(g), var)])
+        u, s = tx.update(jnp.asarray(g), s, w)
+        w = optax.apply_updates(w, u)
+    np.testing.assert_allclose(np.asarray(w), var.numpy(), rtol=0, atol=2e-7)
+
+
+def _tutorial_model():
+    """The tutorial's get_model() for Model 2, in plain Keras with default layer names."""
+    model = keras.models.Sequential(
+        [
+            keras.Input(shape=(30, 30, 3)),
+            keras.layers.Conv2D(32, (3, 3), activation="relu"),
+            keras.layers.MaxPooling2D(pool_size=(2, 2)),
+            keras.layers.Conv2D(64, (3, 3), activation="relu"),
+            keras.layers.MaxPooling2D(pool_size=(2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(43, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _write_folder(root, ds):
+    from PIL import Image
+
+    for i, (img, y) in enumerate(zip(ds.images, ds.labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / str(y) / f"{i:05d}_00000.png")
+
+
+def test_a_tutorial_keras_file_imports_evaluates_and_exports(tmp_path, capsys):
+    from cnn_jax import data
+    from cnn_jax.synthetic import make_synthetic
+
+    _write_folder(tmp_path / "signs", make_synthetic(12, seed=3))
+    ds = data.load_folder(tmp_path / "signs", use_cache=False)
+    x, y = ds.images.astype(np.float32), keras.utils.to_categorical(ds.labels, 43)
+    keras.utils.set_random_seed(1)
+    net = _tutorial_model()
+    net.fit(x, y, epochs=3, batch_size=32, verbose=0)  # raw pixels, as the tutorial
+    _, keras_accuracy = net.evaluate(x, y, verbose=0)
+    net.save(tmp_path / "cnn_model2.keras")
+
+    assert main(["import-keras", str(tmp_path / "cnn_model2.keras"), str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ck"), str(tmp_path / "signs"), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert ours["n"] == len(ds.labels)
+    assert abs(ours["accuracy"] - keras_accuracy) <= 1 / len(ds.labels), (ours, keras_accuracy)
+
+    assert main(["export-keras", str(tmp_path / "ck"), str(tmp_path / "back.keras")]) == 0
+    back = keras.saving.load_model(tmp_path / "back.keras")
+    for a, b in zip(net.get_weights(), back.get_weights()):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+
+
+def test_legacy_h5_imports(tmp_path):
+    keras.utils.set_random_seed(0)
+    net = create_model(1)
+    net.save(tmp_path / "m1.h5")
+    convert.import_keras(tmp_path / "m1.h5", tmp_path / "ck", pixels="unit")
+    back = convert.to_keras(tmp_path / "ck")
+    for a, b in zip(net.get_weights(), back.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_another_architecture_names_the_first_differing_layer(tmp_path, capsys):
+    net = _tutorial_model()
+    net.pop()
+    net.pop()
+    net.add(keras.layers.Dense(64, activation="relu", name="wide"))
+    net.add(keras.layers.Dense(43, activation="softmax"))
+    net.save(tmp_path / "other.keras")
+    code = main(["import-keras", str(tmp_path / "other.keras"), str(tmp_path / "ck")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not the tutorial's Model 2: layer 7 ('wide') is Dense(units=64" in err
+
+
+def test_bad_keras_files_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "junk.keras").write_bytes(b"PK not a zip")
+    assert main(["import-keras", str(tmp_path / "junk.keras"), str(tmp_path / "ck")]) == 2
+    assert main(["import-keras", str(tmp_path / "none.keras"), str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cannot load" in err[0] and "does not exist" in err[1]
