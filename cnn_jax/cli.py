@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=d.image_size)
     t.add_argument("--num-classes", type=int, default=d.num_classes)
     t.add_argument("--eval-every-epoch", action="store_true")
+    t.add_argument(
+        "--conv", choices=("auto", "lax", "matmul"), default=d.conv, help="convolution formulation"
+    )
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
+    t.add_argument("--devices", type=int, help="data-parallel over N local devices (default: all)")
     t.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class)
     t.add_argument("--workdir", help="run folder (default: runs/model<N>-<time>)")
     t.add_argument("--cache-dir", help="decoded-image cache (default: $XDG_CACHE_HOME/cnn-jax)")
@@ -121,6 +126,9 @@ def _train(args) -> int:
         seed=args.seed,
         eval_every_epoch=args.eval_every_epoch,
         synthetic_per_class=args.synthetic_per_class,
+        conv=args.conv,
+        dtype=args.dtype,
+        devices=args.devices,
     )
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:

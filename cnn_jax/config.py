@@ -22,6 +22,9 @@ class Config:
     learning_rate: float = 1e-3  # Keras' Adam default
     optimizer: str = "keras-adam"  # keras-adam (Keras' formula) or adam (optax's)
     dropout: float = 0.5  # the tutorial's Dropout(0.5); 0 switches it off (parity tests)
+    conv: str = "auto"  # auto (matmul on CPU, lax elsewhere), lax or matmul: same values
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    devices: int | None = None  # data-parallel over this many local devices; None: all
     seed: int = 0  # drives the split, the initial weights, the batch order and dropout
     eval_every_epoch: bool = False  # also evaluate on the test split after every epoch
     synthetic_per_class: int = 100  # images per class when no data folder is given

@@ -4,11 +4,15 @@ Layer names (conv1, conv2, dense1, logits) match the Keras reference so weights 
 The models return logits; softmax lives in the loss and in predict.
 """
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from cnn_jax import ops
 
 # Keras' Conv2D and Dense default to glorot_uniform kernels and zero biases
 # (keras/src/layers/convolutional/base_conv.py, keras/src/layers/core/dense.py); Flax defaults
@@ -17,35 +21,39 @@ _KERNEL_INIT = nnx.initializers.glorot_uniform()
 _BIAS_INIT = nnx.initializers.zeros_init()
 
 
-def _conv(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Conv:
-    # Keras Conv2D pads "valid"; nnx.Conv defaults to 'SAME'. The tuple keeps the kernel 2-D.
-    return nnx.Conv(
-        in_features,
-        out_features,
-        kernel_size=(3, 3),
-        padding="VALID",
-        kernel_init=_KERNEL_INIT,
-        bias_init=_BIAS_INIT,
-        rngs=rngs,
-    )
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """How the layers compute: convolution formulation and compute dtype (params stay fp32)."""
+
+    conv: Callable = jax.lax.conv_general_dilated
+    dtype: Any = None  # None: float32; bfloat16 computes in bf16
+
+    def conv3x3(self, in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Conv:
+        # Keras Conv2D pads "valid"; nnx.Conv defaults to 'SAME'. The tuple keeps the kernel 2-D.
+        return nnx.Conv(
+            in_features,
+            out_features,
+            kernel_size=(3, 3),
+            padding="VALID",
+            kernel_init=_KERNEL_INIT,
+            bias_init=_BIAS_INIT,
+            conv_general_dilated=self.conv,
+            dtype=self.dtype,
+            rngs=rngs,
+        )
+
+    def dense(self, in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
+        return nnx.Linear(
+            in_features,
+            out_features,
+            kernel_init=_KERNEL_INIT,
+            bias_init=_BIAS_INIT,
+            dtype=self.dtype,
+            rngs=rngs,
+        )
 
 
-def _dense(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        in_features, out_features, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, rngs=rngs
-    )
-
-
-def _pool(x: jax.Array) -> jax.Array:
-    """Keras' MaxPooling2D((2, 2)): stride = pool size, "valid" (an odd last row is dropped).
-
-    Written as reshape + max rather than `nnx.max_pool`: on CPU the gradient of `reduce_window`
-    lowers to select-and-scatter, which doubled the whole training step. The values are the
-    same; tests/test_models.py checks values and gradients against `nnx.max_pool`.
-    """
-    b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+_pool = ops.max_pool_2x2
 
 
 def _after_block(size: int) -> int:
@@ -84,12 +92,12 @@ class _Sequential(nnx.Module):
 class Model1(_Sequential):
     """Conv2D(32) -> MaxPool -> Flatten -> Dense(128) -> Dropout(0.5) -> Dense(classes)."""
 
-    def __init__(self, image_size: int, num_classes: int, *, dropout=0.5, rngs: nnx.Rngs):
+    def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), rngs):
         side = _after_block(image_size)
-        self.conv1 = _conv(3, 32, rngs)
-        self.dense1 = _dense(side * side * 32, 128, rngs)
+        self.conv1 = layers.conv3x3(3, 32, rngs)
+        self.dense1 = layers.dense(side * side * 32, 128, rngs)
         self.dropout = nnx.Dropout(dropout)
-        self.logits = _dense(128, num_classes, rngs)
+        self.logits = layers.dense(128, num_classes, rngs)
 
     def layers(self, dropout_key=None):
         return [
@@ -105,13 +113,13 @@ class Model1(_Sequential):
 class Model2(_Sequential):
     """Two Conv2D/MaxPool blocks (32, 64) -> Flatten -> Dense(128) -> Dropout(0.5) -> Dense."""
 
-    def __init__(self, image_size: int, num_classes: int, *, dropout=0.5, rngs: nnx.Rngs):
+    def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), rngs):
         side = _after_block(_after_block(image_size))
-        self.conv1 = _conv(3, 32, rngs)
-        self.conv2 = _conv(32, 64, rngs)
-        self.dense1 = _dense(side * side * 64, 128, rngs)
+        self.conv1 = layers.conv3x3(3, 32, rngs)
+        self.conv2 = layers.conv3x3(32, 64, rngs)
+        self.dense1 = layers.dense(side * side * 64, 128, rngs)
         self.dropout = nnx.Dropout(dropout)
-        self.logits = _dense(128, num_classes, rngs)
+        self.logits = layers.dense(128, num_classes, rngs)
 
     def layers(self, dropout_key=None):
         return [
@@ -126,18 +134,34 @@ class Model2(_Sequential):
         ]
 
 
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 MODELS: dict[int, Callable[..., nnx.Module]] = {1: Model1, 2: Model2}
 
 
 def create_model(
-    model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0, dropout: float = 0.5
+    model: int,
+    image_size: int = 30,
+    num_classes: int = 43,
+    seed: int = 0,
+    dropout: float = 0.5,
+    conv: str = "auto",
+    dtype: str = "float32",
 ):
-    """Builds Model 1 or 2 with weights drawn from `seed`; dropout=0 switches dropout off."""
+    """Builds Model 1 or 2 with weights drawn from `seed`.
+
+    dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS) and
+    `dtype` the compute type ('float32' or 'bfloat16'; parameters stay float32).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    layers = _Layers(ops.resolve_conv(conv), DTYPES[dtype])
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose 1 or 2")
     if _after_block(_after_block(image_size) if model == 2 else image_size) < 1:
         raise ValueError(f"image size {image_size} is too small for model {model}")
-    return MODELS[model](image_size, num_classes, dropout=dropout, rngs=nnx.Rngs(params=seed))
+    return MODELS[model](
+        image_size, num_classes, dropout=dropout, layers=layers, rngs=nnx.Rngs(params=seed)
+    )
 
 
 def count_params(model: nnx.Module) -> int:

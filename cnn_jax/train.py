@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from cnn_jax import data as data_lib
+from cnn_jax import parallel
 from cnn_jax.config import Config
 from cnn_jax.models import count_params, create_model
 from cnn_jax.optim import create_optimizer
@@ -69,10 +70,26 @@ class Trainer:
     tx: optax.GradientTransformation
     pixels: str
     batch_size: int
+    mesh: Any  # jax.sharding.Mesh with a 'data' axis
+
+    @property
+    def eval_batch(self) -> int:
+        """EVAL_BATCH rounded up to a multiple of the device count."""
+        return -(-EVAL_BATCH // self.mesh.size) * self.mesh.size
+
+    def place(self, tree):
+        """Copies arrays (a state, a data set) onto every device of the mesh."""
+        return jax.device_put(tree, parallel.replicated(self.mesh))
+
+    def _shard(self, *arrays):
+        # Each device computes its slice of the batch; XLA sums the gradients across devices.
+        return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
 
     def apply(self, params, images: jax.Array, dropout_key: jax.Array | None = None):
         x = data_lib.scale_pixels(images, self.pixels)
-        return nnx.merge(self.graphdef, params)(x, dropout_key=dropout_key)
+        # bf16 models return bf16 logits; the softmax and the loss stay in float32.
+        logits = nnx.merge(self.graphdef, params)(x, dropout_key=dropout_key)
+        return logits.astype(jnp.float32)
 
     def init_state(self, params) -> TrainState:
         return TrainState(
@@ -91,7 +108,7 @@ class Trainer:
     def _train_step(self, state, images, labels, order, n, i, dropout_seed):
         TRACE_COUNTS["train_step"] += 1
         idx, weights = _batch(order, i, self.batch_size, n)
-        x, y = images[idx], labels[idx]
+        x, y, weights = self._shard(images[idx], labels[idx], weights)
         # One key per step, from the seed and the global step: resuming needs no RNG state.
         key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
@@ -109,9 +126,9 @@ class Trainer:
 
     def _eval_step(self, params, images, labels, order, n, i):
         TRACE_COUNTS["eval_step"] += 1
-        idx, weights = _batch(order, i, EVAL_BATCH, n)
-        logits = self.apply(params, images[idx])
-        y = labels[idx]
+        idx, weights = _batch(order, i, self.eval_batch, n)
+        x, y, weights = self._shard(images[idx], labels[idx], weights)
+        logits = self.apply(params, x)
         predictions = jnp.argmax(logits, -1)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         sums = jnp.stack(
@@ -128,22 +145,31 @@ class Trainer:
 def create_trainer(config: Config, num_classes: int):
     """The Trainer and the initial state for a config."""
     model = create_model(
-        config.model, config.image_size, num_classes, seed=config.seed, dropout=config.dropout
+        config.model,
+        config.image_size,
+        num_classes,
+        seed=config.seed,
+        dropout=config.dropout,
+        conv=config.conv,
+        dtype=config.dtype,
     )
     graphdef, params = nnx.split(model)
     tx = create_optimizer(config.optimizer, config.learning_rate)
-    trainer = Trainer(graphdef, tx, config.pixels, config.batch_size)
-    return trainer, trainer.init_state(params)
+    mesh = parallel.create_mesh(config.devices)
+    parallel.check_batch(config.batch_size, mesh)
+    trainer = Trainer(graphdef, tx, config.pixels, config.batch_size, mesh)
+    return trainer, trainer.place(trainer.init_state(params))
 
 
 def evaluate(trainer: Trainer, params, images, labels) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches."""
     n = len(labels)
-    order = jnp.asarray(_padded(np.arange(n), EVAL_BATCH))
-    images, labels_dev = jnp.asarray(images), jnp.asarray(labels)
+    order, images, labels_dev = trainer.place(
+        (_padded(np.arange(n), trainer.eval_batch), images, labels)
+    )
     outputs = [
         trainer.eval_step(params, images, labels_dev, order, n, i)
-        for i in range(-(-n // EVAL_BATCH))
+        for i in range(-(-n // trainer.eval_batch))
     ]
     loss, correct, count = np.sum([np.asarray(sums) for sums, _ in outputs], axis=0)
     predictions = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
@@ -175,9 +201,9 @@ def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_s
     """
     n = len(order)
     steps = -(-n // trainer.batch_size)
-    padded = jnp.asarray(_padded(order, trainer.batch_size))
+    padded = trainer.place(_padded(order, trainer.batch_size))
     if start == 0:
-        state = state._replace(metrics=jnp.zeros(3, jnp.float32))
+        state = state._replace(metrics=trainer.place(np.zeros(3, np.float32)))
     step_ms = []
     t_last = time.perf_counter()
     for i in range(start, steps):
@@ -195,7 +221,7 @@ def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_s
 # Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
 RESUME_KEYS = (
     "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
-    "batch_size", "learning_rate", "optimizer", "dropout", "seed", "synthetic_per_class",
+    "batch_size", "learning_rate", "optimizer", "dropout", "dtype", "seed", "synthetic_per_class",
 )  # fmt: skip
 
 
@@ -252,10 +278,14 @@ def fit(
         dataset.labels, config.test_size, config.seed, config.split, dataset.paths
     )
     trainer, state = create_trainer(config, num_classes)
-    images = jnp.asarray(dataset.images)
-    labels = jnp.asarray(dataset.labels)
-    train_images, train_labels = images[train_idx], labels[train_idx]
-    test_images, test_labels = images[test_idx], labels[test_idx]
+    train_images, train_labels, test_images, test_labels = trainer.place(
+        (
+            dataset.images[train_idx],
+            dataset.labels[train_idx],
+            dataset.images[test_idx],
+            dataset.labels[test_idx],
+        )
+    )
     fingerprint = data_fingerprint(dataset)
     metrics = {
         "model": config.model,
@@ -279,6 +309,7 @@ def fit(
         elif store.steps():
             check = lambda meta: _check_resumable(meta, config, fingerprint, workdir)  # noqa: E731
             state, meta = _restore_latest(store, state, resume_fallback, say, check)
+            state = trainer.place(state)  # restored as host arrays: any device count works
             first_epoch, start = meta["epoch"], meta["step_in_epoch"]
             metrics["epochs"] = meta["epochs"]
             say(f"resuming {workdir} from step {int(state.step)} (epoch {first_epoch + 1}, "
@@ -305,7 +336,13 @@ def fit(
 
         def after_step(i, s, epoch=epoch, progress=progress):
             progress.update(i, s.metrics)
-            if store is not None and save_every and int(s.step) % save_every == 0:
+            # The epoch's last step is saved by the epoch-end checkpoint below.
+            if (
+                store is not None
+                and save_every
+                and i < steps_per_epoch
+                and int(s.step) % save_every == 0
+            ):
                 save(epoch, i, s)
             return should_stop is not None and should_stop()
 
@@ -316,7 +353,7 @@ def fit(
         )  # fmt: skip
         all_step_ms += step_ms[1:] if not all_step_ms else step_ms  # the first step compiles
         if done < steps_per_epoch:  # stopped on request mid-epoch
-            if store is not None:
+            if store is not None and int(state.step) not in store.steps():
                 save(epoch, done, state)
             _interrupted(store, progress, state, epoch, done, steps_per_epoch)
         start = 0

@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny synthetic data, temporary folders, and the real GTSRB folder if present."""
+"""Shared fixtures: tiny synthetic data, temporary folders, and the real GTSRB folder if present.
+
+The CPU is split into 8 devices before JAX starts, so the data-parallel path is tested here;
+training that does not name --devices uses all of them.
+"""
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+jax.config.update("jax_num_cpu_devices", 8)
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gtsrb"
 

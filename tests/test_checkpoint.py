@@ -17,7 +17,8 @@ from cnn_jax.cli import main
 from cnn_jax.config import Config
 from cnn_jax.synthetic import make_synthetic
 
-CFG = Config(epochs=2, synthetic_per_class=20)  # 516 train images: 17 steps per epoch
+# One device, as the `cnn-jax` subprocesses below have. 516 train images: 17 steps per epoch.
+CFG = Config(epochs=2, synthetic_per_class=20, devices=1)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,13 @@ def test_flipped_bytes_and_missing_items_are_detected(small, tmp_path):
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    # The same 8-device CPU client as this process: XLA:CPU's arithmetic can differ with it.
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "cnn_jax", *args],
         cwd=cwd,
@@ -147,6 +154,7 @@ def _wait_for_step(workdir: Path, timeout=120):
 
 
 TRAIN = ["train", "--epochs", "2", "--synthetic-per-class", "20", "--save-every", "3", "--quiet"]
+TRAIN += ["--devices", "1"]
 
 
 def _info_digest(workdir, cwd):

@@ -153,3 +153,20 @@ def test_bad_keras_files_are_one_line_errors(tmp_path, capsys):
     assert main(["import-keras", str(tmp_path / "none.keras"), str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "cannot load" in err[0] and "does not exist" in err[1]
+
+
+def test_compare_script_quick_mode_prints_the_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--models", "2", "--pixels", "unit"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 2 | unit |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["jax", "keras"]
+    assert all("319,979" in r and r.rstrip().endswith(("yes |", "no |")) for r in rows)

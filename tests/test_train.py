@@ -35,10 +35,10 @@ def test_same_seed_gives_bit_identical_parameters(tiny):
 
 
 def test_padded_last_batch_equals_a_plain_smaller_batch():
-    cfg = Config(model=2, batch_size=8)
+    cfg = Config(model=2, batch_size=8, devices=1)
     trainer, state = train.create_trainer(cfg, 43)
-    _, state_small = train.create_trainer(Config(model=2, batch_size=5), 43)
-    small = train.Trainer(trainer.graphdef, trainer.tx, cfg.pixels, 5)
+    _, state_small = train.create_trainer(Config(model=2, batch_size=5, devices=1), 43)
+    small = train.Trainer(trainer.graphdef, trainer.tx, cfg.pixels, 5, trainer.mesh)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (5, 30, 30, 3), np.uint8))
     labels = jnp.asarray(rng.integers(0, 43, 5).astype(np.int32))

@@ -1,0 +1,40 @@
+"""Data parallelism with jax.sharding: a 1-D 'data' mesh, replicated parameters, sharded batches.
+
+The same code runs on one device (a mesh of one). Across hosts, start every process with
+`jax.distributed.initialize()` before training; `jax.devices()` then lists every host's devices
+and the mesh spans them all. Each process loads the same data folder.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def create_mesh(devices: int | None = None) -> Mesh:
+    """A mesh over the first `devices` devices (all when None)."""
+    available = jax.devices()
+    n = len(available) if devices is None else devices
+    if not 1 <= n <= len(available):
+        raise ValueError(
+            f"--devices {devices}: this machine has {len(available)} "
+            f"{available[0].platform.upper()} device(s)"
+        )
+    return Mesh(np.asarray(available[:n]), ("data",))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.size
+    if batch_size % n:
+        raise ValueError(
+            f"batch size {batch_size} does not divide over {n} devices: use a multiple of {n} "
+            "or fewer --devices"
+        )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded(mesh: Mesh) -> NamedSharding:
+    """Split along the first (batch) axis."""
+    return NamedSharding(mesh, PartitionSpec("data"))

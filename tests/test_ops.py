@@ -1,0 +1,69 @@
+"""The fast formulations against the plain XLA ones, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from cnn_jax import ops
+from cnn_jax.models import create_model
+
+
+def _lax_conv(x, k):
+    return lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 30, 3, 32), (3, 13, 11, 32, 64)])
+def test_matmul_conv_equals_lax_conv_with_gradients(shape):
+    b, h, w, cin, cout = shape
+    x = jax.random.normal(jax.random.key(0), (b, h, w, cin))
+    k = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
+    fast = ops.conv3x3_matmul(x, k, (1, 1), "VALID")
+    np.testing.assert_allclose(fast, _lax_conv(x, k), rtol=1e-5, atol=1e-5)
+    w_out = jax.random.normal(jax.random.key(2), fast.shape)
+    loss_fast = lambda x, k: jnp.sum(ops.conv3x3_matmul(x, k, (1, 1), "VALID") * w_out)  # noqa: E731
+    loss_ref = lambda x, k: jnp.sum(_lax_conv(x, k) * w_out)  # noqa: E731
+    for g_fast, g_ref in zip(
+        jax.grad(loss_fast, (0, 1))(x, k), jax.grad(loss_ref, (0, 1))(x, k), strict=True
+    ):
+        np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_models_agree_across_formulations():
+    x = jax.random.uniform(jax.random.key(0), (8, 30, 30, 3))
+    for model in (1, 2):
+        a = create_model(model, conv="lax", seed=4)
+        b = create_model(model, conv="matmul", seed=4)
+        np.testing.assert_allclose(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pool_equals_max_pool_with_gradients():
+    x = jax.random.normal(jax.random.key(0), (4, 13, 12, 5))  # odd height: last row dropped
+    ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
+    np.testing.assert_array_equal(ops.max_pool_2x2(x), ref(x))
+    w = jax.random.normal(jax.random.key(1), ref(x).shape)
+    g = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) * w))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
+    np.testing.assert_array_equal(g, g_ref)
+
+
+def test_auto_picks_by_backend_and_bad_choices_fail():
+    expected = ops.conv3x3_matmul if jax.default_backend() == "cpu" else lax.conv_general_dilated
+    assert ops.resolve_conv("auto") is expected
+    with pytest.raises(ValueError, match="unknown convolution"):
+        ops.resolve_conv("fft")
+    with pytest.raises(ValueError, match="stride 1"):
+        ops.conv3x3_matmul(jnp.zeros((1, 5, 5, 1)), jnp.zeros((3, 3, 1, 1)), (2, 2), "VALID")
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params():
+    m = create_model(2, dtype="bfloat16")
+    assert m.conv1.kernel[...].dtype == jnp.float32
+    x = jax.random.uniform(jax.random.key(0), (2, 30, 30, 3))
+    assert m(x).dtype == jnp.bfloat16
+    ref = create_model(2)(x)
+    np.testing.assert_allclose(np.asarray(m(x), np.float32), ref, atol=0.05)
