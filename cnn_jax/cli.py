@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
     t.add_argument("--devices", type=int, help="data-parallel over N local devices (default: all)")
+    t.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=d.steps_per_call,
+        help="training steps per compiled call (a scan; pays on accelerators)",
+    )
     t.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class)
     t.add_argument("--workdir", help="run folder (default: runs/model<N>-<time>)")
     t.add_argument("--cache-dir", help="decoded-image cache (default: $XDG_CACHE_HOME/cnn-jax)")
@@ -129,10 +135,13 @@ def _train(args) -> int:
         conv=args.conv,
         dtype=args.dtype,
         devices=args.devices,
+        steps_per_call=args.steps_per_call,
     )
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:
         raise ValueError("--save-every must be at least 1")
+    if args.steps_per_call < 1:
+        raise ValueError("--steps-per-call must be at least 1")
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     with _StopOnSignal() as stop:

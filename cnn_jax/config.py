@@ -25,6 +25,7 @@ class Config:
     conv: str = "auto"  # auto (matmul on CPU, lax elsewhere), lax or matmul: same values
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     devices: int | None = None  # data-parallel over this many local devices; None: all
+    steps_per_call: int = 1  # training steps per compiled call; >1 scans them (accelerators)
     seed: int = 0  # drives the split, the initial weights, the batch order and dropout
     eval_every_epoch: bool = False  # also evaluate on the test split after every epoch
     synthetic_per_class: int = 100  # images per class when no data folder is given

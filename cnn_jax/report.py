@@ -57,7 +57,8 @@ class Progress:
         done = width * step // max(self.steps, 1)
         bar = "=" * max(done - 1, 0) + (">" if done < width else "=") + "." * (width - done)
         line = f"{step}/{self.steps} [{bar}] - loss: {loss:.4f} - accuracy: {accuracy:.4f} - {tail}"
-        print(prefix + line, end="", file=self.stream, flush=True)
+        clear = "\033[K" if self.live else ""  # erase what a longer previous line left
+        print(prefix + line + clear, end="", file=self.stream, flush=True)
 
 
 def test_line(loss: float, accuracy: float) -> str:

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ class Trainer:
     pixels: str
     batch_size: int
     mesh: Any  # jax.sharding.Mesh with a 'data' axis
+    steps_per_call: int = 1  # training steps per compiled call (a lax.scan when > 1)
 
     @property
     def eval_batch(self) -> int:
@@ -100,6 +102,26 @@ class Trainer:
     def train_step(self):
         # The state is donated: its buffers are reused for the new state instead of copied.
         return jax.jit(self._train_step, donate_argnums=0)
+
+    @functools.cached_property
+    def train_steps(self):
+        """`steps_per_call` steps in one compiled call; steps past the epoch's end are skipped.
+
+        One call per many steps takes Python and the dispatch out of the loop, which is what
+        makes small steps fast on an accelerator. The state is donated as in `train_step`.
+        """
+
+        def run(state, images, labels, order, n, start, seed):
+            steps = (n + self.batch_size - 1) // self.batch_size
+
+            def body(state, k):
+                i = start + k
+                step = lambda s: self._train_step(s, images, labels, order, n, i, seed)  # noqa: E731
+                return jax.lax.cond(i < steps, step, lambda s: s, state), None
+
+            return jax.lax.scan(body, state, jnp.arange(self.steps_per_call))[0]
+
+        return jax.jit(run, donate_argnums=0)
 
     @functools.cached_property
     def eval_step(self):
@@ -157,7 +179,7 @@ def create_trainer(config: Config, num_classes: int):
     tx = create_optimizer(config.optimizer, config.learning_rate)
     mesh = parallel.create_mesh(config.devices)
     parallel.check_batch(config.batch_size, mesh)
-    trainer = Trainer(graphdef, tx, config.pixels, config.batch_size, mesh)
+    trainer = Trainer(graphdef, tx, config.pixels, config.batch_size, mesh, config.steps_per_call)
     return trainer, trainer.place(trainer.init_state(params))
 
 
@@ -194,27 +216,33 @@ class Interrupted(Exception):
 
 
 def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_step=None):
-    """Steps `start`.. of one pass over `order`.
+    """Steps `start`.. of one pass over `order`, `trainer.steps_per_call` per compiled call.
 
-    `after_step(step_in_epoch, state)` runs after each step; returning True stops the epoch
-    early. Returns (state, step times in ms, steps done in the epoch, whether it was stopped).
+    `after_step(step_in_epoch, state)` runs after each call; returning True stops the epoch
+    early. Returns (state, ms per step of each call, steps done in the epoch, whether stopped).
     """
     n = len(order)
     steps = -(-n // trainer.batch_size)
+    per_call = trainer.steps_per_call
     padded = trainer.place(_padded(order, trainer.batch_size))
     if start == 0:
         state = state._replace(metrics=trainer.place(np.zeros(3, np.float32)))
     step_ms = []
     t_last = time.perf_counter()
-    for i in range(start, steps):
-        state = trainer.train_step(state, images, labels, padded, n, i, seed)
-        # Waiting each step costs little at this step size and makes the step times honest.
+    i = start
+    while i < steps:
+        if per_call == 1:
+            state = trainer.train_step(state, images, labels, padded, n, i, seed)
+        else:
+            state = trainer.train_steps(state, images, labels, padded, n, i, seed)
+        # Waiting after each call costs little and makes the step times honest.
         state.metrics.block_until_ready()
+        done = min(i + per_call, steps)
         now = time.perf_counter()
-        step_ms.append((now - t_last) * 1e3)
-        t_last = now
-        if after_step is not None and after_step(i + 1, state):
-            return state, step_ms, i + 1, True
+        step_ms.append((now - t_last) * 1e3 / (done - i))
+        t_last, i = now, done
+        if after_step is not None and after_step(i, state):
+            return state, step_ms, i, True
     return state, step_ms, steps, False
 
 
@@ -333,17 +361,17 @@ def fit(
     for epoch in range(first_epoch, config.epochs):
         order = epoch_order(config.seed, epoch, len(train_idx))
         progress = Progress(epoch, config.epochs, steps_per_epoch, verbose)
+        last = [start]  # the step in the epoch where the previous call ended
 
-        def after_step(i, s, epoch=epoch, progress=progress):
+        def after_step(i, s, epoch=epoch, progress=progress, last=last):
             progress.update(i, s.metrics)
-            # The epoch's last step is saved by the epoch-end checkpoint below.
-            if (
-                store is not None
-                and save_every
-                and i < steps_per_epoch
-                and int(s.step) % save_every == 0
-            ):
+            # Saves when a call crosses a multiple of save_every (a call may run many steps);
+            # the epoch's last step is saved by the epoch-end checkpoint below.
+            step = int(s.step)
+            crossed = save_every and step // save_every > (step - (i - last[0])) // save_every
+            if store is not None and crossed and i < steps_per_epoch:
                 save(epoch, i, s)
+            last[0] = i
             return should_stop is not None and should_stop()
 
         t0 = time.perf_counter()
@@ -377,6 +405,8 @@ def fit(
         test_loss=ev["loss"],
         test_accuracy=ev["accuracy"],
         median_step_ms=statistics.median(all_step_ms) if all_step_ms else None,
+        # the process's peak resident memory so far (Linux reports KiB)
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     if store is not None:
         store.close()

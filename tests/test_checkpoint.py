@@ -55,6 +55,20 @@ def test_resume_is_bit_identical(small, reference, tmp_path, stop_step):
     assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
 
 
+def test_resume_with_many_steps_per_call_is_bit_identical(small, tmp_path):
+    cfg = Config(epochs=2, synthetic_per_class=20, devices=1, steps_per_call=5)
+    ref, ref_metrics = train.fit(cfg, small, verbose=False)
+    # the second call ends at step 10, mid-epoch 1; --save-every 4 saves at steps 5 and 10
+    with pytest.raises(train.Interrupted, match="stopped at step 10"):
+        train.fit(cfg, small, tmp_path, verbose=False, save_every=4, should_stop=_stop_at(2))
+    assert Checkpoints(tmp_path).steps() == [5, 10]
+    state, metrics = train.fit(cfg, small, tmp_path, verbose=False)
+    assert checkpoint.params_digest(state.params) == checkpoint.params_digest(ref.params)
+    assert [e["train_loss"] for e in metrics["epochs"]] == [
+        e["train_loss"] for e in ref_metrics["epochs"]
+    ]
+
+
 def test_keeps_latest_two_and_the_best(small, tmp_path):
     cfg = Config(epochs=4, synthetic_per_class=20)
     train.fit(cfg, small, tmp_path, verbose=False, save_every=5)

@@ -170,3 +170,22 @@ def test_compare_script_quick_mode_prints_the_table():
     rows = [line for line in out.splitlines() if line.startswith("| 2 | unit |")]
     assert [r.split("|")[3].strip() for r in rows] == ["jax", "keras"]
     assert all("319,979" in r and r.rstrip().endswith(("yes |", "no |")) for r in rows)
+
+
+def test_bench_script_quick_mode_reports_both_frameworks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--models", "2", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out[out.index("{") :])
+    (row,) = result["train"]
+    assert row["model"] == 2 and row["jax_ms"] > 0 and row["keras_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["jax_ms"] / row["keras_ms"])
+    assert result["inference"][0]["jax"] > 0 and result["machine"]["cores"] >= 1

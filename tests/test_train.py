@@ -23,6 +23,16 @@ def test_no_retracing_across_steps_and_epochs(tiny, tmp_path):
     assert train.TRACE_COUNTS["eval_step"] - before["eval_step"] == 1
 
 
+def test_scanned_steps_equal_single_steps_and_trace_once(tiny):
+    before = dict(train.TRACE_COUNTS)
+    one, m1 = train.fit(Config(epochs=2, devices=1), tiny, verbose=False)
+    many, m7 = train.fit(Config(epochs=2, devices=1, steps_per_call=7), tiny, verbose=False)
+    assert train.TRACE_COUNTS["train_step"] - before["train_step"] == 2  # once per Trainer
+    for x, y in zip(_leaves(one), _leaves(many)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert m1["test_accuracy"] == pytest.approx(m7["test_accuracy"], abs=1 / m1["n_test"])
+
+
 def test_same_seed_gives_bit_identical_parameters(tiny):
     cfg = Config(epochs=2, seed=5)
     a, ma = train.fit(cfg, tiny, verbose=False)

@@ -1,0 +1,197 @@
+"""JAX against Keras on this machine: training steps, inference and data loading.
+
+    pip install -e ".[keras]" opencv-python-headless
+    python scripts/bench.py ../shared/data/gtsrb          # the numbers in BENCHMARKS.md
+    python scripts/bench.py --quick                       # synthetic data, seconds
+
+Training: in one process, alternating rounds of `--steps` JAX steps (the jitted step that
+`cnn-jax train` runs, each waited for with block_until_ready) and Keras `model.fit` over the same
+number of batches (timed per batch by a callback), same model, batch size and data, after a
+warm-up that compiles both. Medians over all timed steps. Inference: images/s evaluating the
+test split, batches of 1000 on both sides. Loading: cnn_jax's loader without cache (cold) and
+from its cache (warm) against the tutorial's serial cv2.imread + cv2.resize loop. The operating
+system's file cache is warm for all three: nothing here can drop it.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import keras
+import numpy as np
+
+import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
+from cnn_jax import data as data_lib
+from cnn_jax.config import Config
+from cnn_jax.synthetic import make_synthetic
+from cnn_jax.train import create_trainer, evaluate, train_epoch
+from keras_ref.models import create_model
+from keras_ref.train import _StepTimer
+
+
+def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1):
+    cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=1)
+    trainer, state = create_trainer(cfg, 43)
+    images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
+    net = create_model(model)
+    x = data_lib.scale_pixels(ds.images[train_idx], "unit")
+    y = keras.utils.to_categorical(ds.labels[train_idx], 43)
+    n = steps * cfg.batch_size
+    order = np.arange(n)
+    jax_ms, keras_ms = [], []
+    for r in range(rounds + 1):  # round 0 is the warm-up: both sides compile
+        state, ms, _, _ = train_epoch(trainer, state, images, labels, order, 0)
+        timer = _StepTimer()
+        net.fit(x[:n], y[:n], batch_size=cfg.batch_size, epochs=1, verbose=0, callbacks=[timer])
+        if r:
+            jax_ms += ms
+            keras_ms += timer.ms[1:]  # the first batch of a fit call sets up its iterator
+    return statistics.median(jax_ms), statistics.median(keras_ms), trainer, state, net
+
+
+def bench_inference(trainer, state, net, ds, test_idx, rounds=3):
+    x_img, y = ds.images[test_idx], ds.labels[test_idx]
+    x = data_lib.scale_pixels(x_img, "unit")
+    y1 = keras.utils.to_categorical(y, 43)
+    evaluate(trainer, state.params, x_img, y)  # compile
+    net.evaluate(x, y1, batch_size=1000, verbose=0)
+    jax_s, keras_s = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        evaluate(trainer, state.params, x_img, y)
+        jax_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        net.evaluate(x, y1, batch_size=1000, verbose=0)
+        keras_s.append(time.perf_counter() - t0)
+    return len(y) / min(jax_s), len(y) / min(keras_s)
+
+
+def opencv_loop(root: Path, size: int = 30) -> tuple[int, float]:
+    """The tutorial's load_data: serial cv2.imread + cv2.resize over every class folder."""
+    import cv2
+
+    t0 = time.perf_counter()
+    count = 0
+    for c in sorted(os.listdir(root), key=lambda s: int(s) if s.isdigit() else -1):
+        for name in os.listdir(root / c):
+            img = cv2.imread(str(root / c / name))
+            if img is None:  # the tutorial's loop would crash here; skip as cnn_jax does
+                continue
+            cv2.resize(img, (size, size))
+            count += 1
+    return count, time.perf_counter() - t0
+
+
+def bench_loading(root: Path) -> dict:
+    result = {}
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        ds = data_lib.load_folder(root, cache_dir=cache)  # decodes and writes the cache
+        result["cnn_jax_cold_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data_lib.load_folder(root, cache_dir=cache)
+        result["cnn_jax_warm_s"] = time.perf_counter() - t0
+    result["images"] = len(ds.labels)
+    try:
+        result["opencv_images"], result["opencv_loop_s"] = opencv_loop(root)
+    except ImportError:
+        result["opencv_loop_s"] = None  # opencv-python-headless is not installed
+    return result
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import flax
+    import tensorflow as tf
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", nargs="?", default=None, help="data folder; none: synthetic signs")
+    p.add_argument("--models", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=100, help="timed steps per round and side")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="synthetic data, few steps")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 5, 1
+    root = Path(args.data).resolve() if args.data else None
+    ds = data_lib.load_folder(root) if root else make_synthetic(20 if args.quick else 100)
+    train_idx, test_idx = data_lib.split_indices(ds.labels, 0.4, 0)
+    need = args.steps * 32
+    if len(train_idx) < need:
+        train_idx = np.resize(train_idx, need)
+    result = {"machine": machine(), "train": [], "inference": []}
+    variants = [("float32", 1), ("float32", 50), ("bfloat16", 1)]
+    for model in args.models:
+        for dtype, per_call in variants if not args.quick else variants[:1]:
+            jax_ms, keras_ms, trainer, state, net = bench_training(
+                model, ds, train_idx, args.steps, args.rounds, dtype, per_call
+            )
+            row = {
+                "model": model,
+                "jax": f"{dtype}, {per_call} step(s)/call",
+                "jax_ms": jax_ms,
+                "keras_ms": keras_ms,
+                "jax_img_s": 32e3 / jax_ms,
+                "keras_img_s": 32e3 / keras_ms,
+                "ratio": jax_ms / keras_ms,
+            }
+            result["train"].append(row)
+            if not args.json:
+                print(
+                    f"train  model {model} [{row['jax']:>24}]  jax {jax_ms:6.2f} ms/step "
+                    f"({row['jax_img_s']:7,.0f} img/s)  keras {keras_ms:6.2f} ms/step "
+                    f"({row['keras_img_s']:7,.0f} img/s)  jax/keras {row['ratio']:.2f}",
+                    flush=True,
+                )
+            if dtype == "float32" and per_call == 1:
+                jax_ips, keras_ips = bench_inference(trainer, state, net, ds, test_idx)
+                result["inference"].append({"model": model, "jax": jax_ips, "keras": keras_ips})
+                if not args.json:
+                    print(
+                        f"infer  model {model}  jax {jax_ips:9,.0f} img/s  keras "
+                        f"{keras_ips:9,.0f} img/s  jax/keras time {keras_ips / jax_ips:.2f}",
+                        flush=True,
+                    )
+    if root is not None:
+        result["loading"] = bench_loading(root)
+        if not args.json:
+            ld = result["loading"]
+            cv = ld["opencv_loop_s"]
+            print(
+                f"load   {ld['images']:,} images: cnn_jax cold {ld['cnn_jax_cold_s']:.2f}s, "
+                f"warm {ld['cnn_jax_warm_s']:.2f}s; tutorial's OpenCV loop "
+                + (f"{cv:.2f}s" if cv is not None else "not run (no opencv)")
+            )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(json.dumps(result["machine"]))
+
+
+if __name__ == "__main__":
+    main()
