@@ -193,6 +193,8 @@ def decode_files(files: list[Path], image_size: int, workers: int | None = None)
 
     Threads do not help: decoding small PPMs is dominated by Python-level work under the GIL.
     Workers are spawned, not forked, because forking a process that runs JAX can deadlock.
+    Spawning re-imports the caller's main module in each worker: cheap for `cnn-jax`, seconds
+    for a script that imports TensorFlow (use_cache then matters more).
     Returns (images, kept_indices, skipped) where skipped lists (file, reason).
     """
     workers = workers or os.cpu_count() or 1

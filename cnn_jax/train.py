@@ -29,7 +29,8 @@ from cnn_jax.models import count_params, create_model
 from cnn_jax.optim import create_optimizer
 from cnn_jax.report import Progress
 
-EVAL_BATCH = 1000
+# Smaller batches ran faster than 1000 on a 2-core CPU (cache-sized activations).
+EVAL_BATCH = 256
 # How often each compiled function has been traced; tests read it to prove there is no retracing.
 TRACE_COUNTS = {"train_step": 0, "eval_step": 0}
 
@@ -73,6 +74,8 @@ class Trainer:
     batch_size: int
     mesh: Any  # jax.sharding.Mesh with a 'data' axis
     steps_per_call: int = 1  # training steps per compiled call (a lax.scan when > 1)
+    # The same network for inference; it may use another convolution formulation.
+    infer_graphdef: Any = None
 
     @property
     def eval_batch(self) -> int:
@@ -87,10 +90,11 @@ class Trainer:
         # Each device computes its slice of the batch; XLA sums the gradients across devices.
         return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
 
-    def apply(self, params, images: jax.Array, dropout_key: jax.Array | None = None):
+    def apply(self, params, images, dropout_key=None, *, inference: bool = False):
+        """Float32 logits of uint8 images (bf16 models compute in bf16; the loss does not)."""
         x = data_lib.scale_pixels(images, self.pixels)
-        # bf16 models return bf16 logits; the softmax and the loss stay in float32.
-        logits = nnx.merge(self.graphdef, params)(x, dropout_key=dropout_key)
+        graphdef = self.infer_graphdef if inference and self.infer_graphdef else self.graphdef
+        logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
         return logits.astype(jnp.float32)
 
     def init_state(self, params) -> TrainState:
@@ -150,7 +154,7 @@ class Trainer:
         TRACE_COUNTS["eval_step"] += 1
         idx, weights = _batch(order, i, self.eval_batch, n)
         x, y, weights = self._shard(images[idx], labels[idx], weights)
-        logits = self.apply(params, x)
+        logits = self.apply(params, x, inference=True)
         predictions = jnp.argmax(logits, -1)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         sums = jnp.stack(
@@ -161,25 +165,41 @@ class Trainer:
     @functools.cached_property
     def probabilities(self):
         """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
-        return jax.jit(lambda params, images: jax.nn.softmax(self.apply(params, images)))
+        return jax.jit(
+            lambda params, images: jax.nn.softmax(self.apply(params, images, inference=True))
+        )
 
 
 def create_trainer(config: Config, num_classes: int):
     """The Trainer and the initial state for a config."""
-    model = create_model(
-        config.model,
-        config.image_size,
-        num_classes,
-        seed=config.seed,
-        dropout=config.dropout,
-        conv=config.conv,
-        dtype=config.dtype,
-    )
-    graphdef, params = nnx.split(model)
+
+    def build(conv):
+        return create_model(
+            config.model,
+            config.image_size,
+            num_classes,
+            seed=config.seed,
+            dropout=config.dropout,
+            conv=conv,
+            dtype=config.dtype,
+        )
+
+    graphdef, params = nnx.split(build(config.conv))
+    # With 'auto', inference uses XLA's own convolution: on CPU its forward pass beat the
+    # matmul form (11k vs 4-9k images/s, BENCHMARKS.md); only its gradient is slow there.
+    infer_graphdef = nnx.split(build("lax"))[0] if config.conv == "auto" else graphdef
     tx = create_optimizer(config.optimizer, config.learning_rate)
     mesh = parallel.create_mesh(config.devices)
     parallel.check_batch(config.batch_size, mesh)
-    trainer = Trainer(graphdef, tx, config.pixels, config.batch_size, mesh, config.steps_per_call)
+    trainer = Trainer(
+        graphdef,
+        tx,
+        config.pixels,
+        config.batch_size,
+        mesh,
+        config.steps_per_call,
+        infer_graphdef,
+    )
     return trainer, trainer.place(trainer.init_state(params))
 
 

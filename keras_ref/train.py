@@ -72,3 +72,31 @@ def fit(config: Config, dataset: data_lib.Dataset, verbose: int = 0) -> tuple[ke
 def predict_classes(net: keras.Model, images: np.ndarray, pixels: str) -> np.ndarray:
     probs = net.predict(data_lib.scale_pixels(images, pixels), batch_size=1000, verbose=0)
     return probs.argmax(-1)
+
+
+def main() -> None:
+    """`python -m keras_ref.train DATA --model 2`: the tutorial's run, in Keras, on our split."""
+    import argparse
+
+    from cnn_jax.report import test_line
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("data")
+    p.add_argument("--model", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pixels", choices=data_lib.PIXELS, default="unit")
+    p.add_argument("--split", choices=data_lib.SPLITS, default="random")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    ds = data_lib.load_folder(args.data)
+    cfg = Config(
+        model=args.model, epochs=args.epochs, seed=args.seed, pixels=args.pixels, split=args.split
+    )
+    _, m = fit(cfg, ds, verbose=2)
+    print(f"median {m['median_step_ms']:.2f} ms/step; {time.perf_counter() - t0:.1f}s in all")
+    print(test_line(m["test_loss"], m["test_accuracy"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,16 +90,30 @@ def opencv_loop(root: Path, size: int = 30) -> tuple[int, float]:
     return count, time.perf_counter() - t0
 
 
+_LOAD = """
+import json, sys, time
+from cnn_jax import data
+t0 = time.perf_counter()
+ds = data.load_folder(sys.argv[1], cache_dir=sys.argv[2])
+cold = time.perf_counter() - t0
+t0 = time.perf_counter()
+data.load_folder(sys.argv[1], cache_dir=sys.argv[2])
+print(json.dumps({"cnn_jax_cold_s": cold, "cnn_jax_warm_s": time.perf_counter() - t0,
+                  "images": len(ds.labels)}))
+"""
+
+
 def bench_loading(root: Path) -> dict:
-    result = {}
+    """cnn_jax's loader in a fresh process, as `cnn-jax train` runs it (its decode workers
+    re-import the main module, which here would import TensorFlow), then the OpenCV loop."""
     with tempfile.TemporaryDirectory() as cache:
-        t0 = time.perf_counter()
-        ds = data_lib.load_folder(root, cache_dir=cache)  # decodes and writes the cache
-        result["cnn_jax_cold_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        data_lib.load_folder(root, cache_dir=cache)
-        result["cnn_jax_warm_s"] = time.perf_counter() - t0
-    result["images"] = len(ds.labels)
+        out = subprocess.run(
+            [sys.executable, "-c", _LOAD, str(root), cache],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    result = json.loads(out)
     try:
         result["opencv_images"], result["opencv_loop_s"] = opencv_loop(root)
     except ImportError:

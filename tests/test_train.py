@@ -1,5 +1,6 @@
 """Training: one trace per run, determinism, padded last batches, learning, metrics."""
 
+import dataclasses
 import json
 
 import jax
@@ -48,7 +49,7 @@ def test_padded_last_batch_equals_a_plain_smaller_batch():
     cfg = Config(model=2, batch_size=8, devices=1)
     trainer, state = train.create_trainer(cfg, 43)
     _, state_small = train.create_trainer(Config(model=2, batch_size=5, devices=1), 43)
-    small = train.Trainer(trainer.graphdef, trainer.tx, cfg.pixels, 5, trainer.mesh)
+    small = dataclasses.replace(trainer, batch_size=5)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (5, 30, 30, 3), np.uint8))
     labels = jnp.asarray(rng.integers(0, 43, 5).astype(np.int32))
@@ -91,7 +92,7 @@ def test_evaluate_counts_every_image(tiny):
     images = np.resize(tiny.images, (n, 30, 30, 3))
     labels = np.resize(tiny.labels, n)
     ev = train.evaluate(trainer, state.params, images, labels)
-    logits = np.asarray(trainer.apply(state.params, jnp.asarray(images)))
+    logits = np.asarray(trainer.apply(state.params, jnp.asarray(images), inference=True))
     assert ev["n"] == n
     assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)
 
