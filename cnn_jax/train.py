@@ -334,7 +334,6 @@ def fit(
             dataset.labels[test_idx],
         )
     )
-    fingerprint = data_fingerprint(dataset)
     metrics = {
         "model": config.model,
         "params": count_params(nnx.merge(trainer.graphdef, state.params)),
@@ -348,6 +347,8 @@ def fit(
     store, first_epoch, start = None, 0, 0
     if workdir is not None:
         from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
+
+        fingerprint = data_fingerprint(dataset)  # hashes every pixel: only runs that checkpoint
 
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
