@@ -3,6 +3,7 @@
 import argparse
 import importlib.metadata
 import json
+import os
 import signal
 import sys
 import time
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
     commands = {"train": _train, "evaluate": _evaluate, "predict": _predict, "info": _info}
     try:
         return commands.get(args.command, getattr(args, "run", None))(args)
+    except BrokenPipeError:  # `cnn-jax info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:
         print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
