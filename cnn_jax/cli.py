@@ -88,20 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> data_lib.Dataset:
     """The configured data folder, or the built-in synthetic signs when there is none."""
     t0 = time.perf_counter()
-    if cfg.data is None:
-        from cnn_jax.synthetic import make_synthetic
-
-        ds = make_synthetic(cfg.synthetic_per_class, cfg.image_size, cfg.num_classes or 43)
-        source = "built-in synthetic signs"
-    else:
-        ds = data_lib.load_folder(
-            cfg.data,
-            layout=cfg.layout,
-            image_size=cfg.image_size,
-            cache_dir=cache_dir,
-            use_cache=use_cache,
-        )
-        source = cfg.data
+    ds = data_lib.load_configured(cfg, cache_dir, use_cache)
+    source = cfg.data or "built-in synthetic signs"
     if verbose:
         print(
             f"loaded {len(ds.labels):,} images of {ds.num_classes} classes from {source} "

@@ -299,6 +299,21 @@ def load_folder(
     return ds
 
 
+def load_configured(cfg, cache_dir=None, use_cache: bool = True) -> Dataset:
+    """A run config's data: its folder, or the built-in synthetic signs when it names none."""
+    if cfg.data is None:
+        from cnn_jax.synthetic import make_synthetic  # synthetic imports this module
+
+        return make_synthetic(cfg.synthetic_per_class, cfg.image_size, cfg.num_classes or 43)
+    return load_folder(
+        cfg.data,
+        layout=cfg.layout,
+        image_size=cfg.image_size,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+    )
+
+
 # --- splits and scaling --------------------------------------------------------------------------
 
 

@@ -58,16 +58,7 @@ def evaluate_checkpoint(
             "data of its own: give a data folder to evaluate on"
         )
     if data_dir is None:
-        if cfg.data is None:
-            from cnn_jax.synthetic import make_synthetic
-
-            ds = make_synthetic(
-                cfg.synthetic_per_class, cfg.image_size, restored.meta["num_classes"]
-            )
-        else:
-            ds = data_lib.load_folder(
-                cfg.data, layout=cfg.layout, image_size=cfg.image_size, cache_dir=cache_dir
-            )
+        ds = data_lib.load_configured(cfg, cache_dir)
         _, idx = data_lib.split_indices(ds.labels, cfg.test_size, cfg.seed, cfg.split, ds.paths)
         source = f"the test split of {cfg.data or 'the synthetic signs'}"
     else:

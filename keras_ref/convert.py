@@ -87,6 +87,13 @@ def keras_weights(net: keras.Model, model: int) -> dict[str, dict[str, np.ndarra
     }
 
 
+def set_keras_weights(state, net: keras.Model, model: int) -> None:
+    """Overwrites `state.params` in place with the Keras model's weights."""
+    params = nnx.to_pure_dict(state.params)
+    params.update(keras_weights(net, model))
+    nnx.replace_by_pure_dict(state.params, params)
+
+
 def load_keras(path: Path | str) -> keras.Model:
     """A `.keras` or legacy `.h5` file, loaded in Keras' safe mode (no code is executed)."""
     path = Path(path)
@@ -115,9 +122,7 @@ def import_keras(path: Path | str, ckpt_dir: Path | str, pixels: str = "raw") ->
         epochs=0,
     )
     trainer, state = create_trainer(config, num_classes)
-    params = nnx.to_pure_dict(state.params)
-    params.update(keras_weights(net, model))
-    nnx.replace_by_pure_dict(state.params, params)
+    set_keras_weights(state, net, model)
     store = Checkpoints(ckpt_dir)
     if store.steps():
         raise ConversionError(f"{store.directory} already holds checkpoints: choose a new folder")

@@ -10,7 +10,7 @@ from flax import nnx
 
 from cnn_jax.config import Config
 from cnn_jax.train import create_trainer
-from keras_ref.convert import keras_weights
+from keras_ref.convert import keras_weights, set_keras_weights
 from keras_ref.models import create_model, logits_model
 
 
@@ -20,9 +20,7 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     net = create_model(model, image_size, num_classes)
     cfg = Config(model=model, image_size=image_size, dropout=dropout, pixels="unit")
     trainer, state = create_trainer(cfg, num_classes)
-    params = nnx.to_pure_dict(state.params)
-    params.update(keras_weights(net, model))
-    nnx.replace_by_pure_dict(state.params, params)
+    set_keras_weights(state, net, model)
     return net, trainer, state
 
 

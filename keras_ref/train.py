@@ -11,7 +11,7 @@ from cnn_jax.config import Config
 from keras_ref.models import compile_model, create_model
 
 
-class _StepTimer(keras.callbacks.Callback):
+class StepTimer(keras.callbacks.Callback):
     """Wall time of every training batch, in ms."""
 
     def on_train_begin(self, logs=None):
@@ -38,7 +38,7 @@ def fit(config: Config, dataset: data_lib.Dataset, verbose: int = 0) -> tuple[ke
     y = keras.utils.to_categorical(dataset.labels, num_classes)
     net = create_model(config.model, config.image_size, num_classes)
     compile_model(net, config.learning_rate)
-    timer = _StepTimer()
+    timer = StepTimer()
     t0 = time.perf_counter()
     history = net.fit(
         x[train_idx],

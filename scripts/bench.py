@@ -34,7 +34,7 @@ from cnn_jax.config import Config
 from cnn_jax.synthetic import make_synthetic
 from cnn_jax.train import create_trainer, evaluate, train_epoch
 from keras_ref.models import create_model
-from keras_ref.train import _StepTimer
+from keras_ref.train import StepTimer
 
 
 def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1):
@@ -49,7 +49,7 @@ def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_p
     jax_ms, keras_ms = [], []
     for r in range(rounds + 1):  # round 0 is the warm-up: both sides compile
         state, ms, _, _ = train_epoch(trainer, state, images, labels, order, 0)
-        timer = _StepTimer()
+        timer = StepTimer()
         net.fit(x[:n], y[:n], batch_size=cfg.batch_size, epochs=1, verbose=0, callbacks=[timer])
         if r:
             jax_ms += ms
