@@ -37,13 +37,42 @@ def resolve_conv(conv: str):
     return conv3x3_matmul if conv == "matmul" else lax.conv_general_dilated
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """Keras' MaxPooling2D((2, 2)): stride = pool size, "valid" (an odd last row is dropped).
 
     Written as reshape + max rather than `nnx.max_pool`: on CPU the gradient of `reduce_window`
-    lowers to select-and-scatter, which doubled the whole training step. Values and gradients
-    equal `nnx.max_pool`'s where the window's maximum is unique (tests/test_ops.py).
+    lowers to select-and-scatter, which doubled the whole training step. The gradient is written
+    out too (`_pool_grad`): JAX's own gradient of a max splits ties and cost twice as much.
     """
+    return _pool(x)
+
+
+def _pool(x):
+    return _windows(x).max(axis=(2, 4))
+
+
+def _windows(x):
     b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _pool_grad(x, g):
+    """Each window's gradient goes to its first maximum in row-major order, as TensorFlow's
+    MaxPoolGrad sends it (a strict `>` scan), so ties (flat image regions) train as in Keras."""
+    win = _windows(x)
+    is_max = win == win.max(axis=(2, 4), keepdims=True)
+    first, seen = [], jnp.zeros_like(is_max[:, :, 0, :, 0])
+    for dy in range(2):
+        for dx in range(2):
+            hit = is_max[:, :, dy, :, dx]
+            first.append(hit & ~seen)
+            seen = seen | hit
+    mask = jnp.stack(first, axis=-2).reshape(*g.shape[:3], 2, 2, g.shape[-1])
+    grad = jnp.where(mask.transpose(0, 1, 3, 2, 4, 5), g[:, :, None, :, None, :], 0)
+    b, h, w, c = x.shape
+    grad = grad.reshape(b, h // 2 * 2, w // 2 * 2, c)
+    return jnp.pad(grad, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
+max_pool_2x2.defvjp(lambda x: (_pool(x), x), lambda x, g: (_pool_grad(x, g).astype(x.dtype),))

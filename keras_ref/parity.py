@@ -24,8 +24,13 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     return net, trainer, state
 
 
-def random_images(n: int, image_size: int = 30, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, image_size, image_size, 3), np.uint8)
+def random_images(n: int, image_size: int = 30, seed: int = 0, flat: bool = False) -> np.ndarray:
+    """Noise images; `flat` paints each top half one colour, so max-pool windows hold ties."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, image_size, image_size, 3), np.uint8)
+    if flat:
+        images[:, : image_size // 2] = rng.integers(0, 256, (n, 1, 1, 3), np.uint8)
+    return images
 
 
 def forward_difference(model: int, n: int = 64, seed: int = 0) -> dict:
@@ -42,11 +47,13 @@ def forward_difference(model: int, n: int = 64, seed: int = 0) -> dict:
     }
 
 
-def training_difference(model: int, steps: int = 5, batch: int = 32, seed: int = 0) -> dict:
+def training_difference(
+    model: int, steps: int = 5, batch: int = 32, seed: int = 0, flat: bool = False
+) -> dict:
     """Max |weight difference| after `steps` Adam steps on the same fixed batches, dropout off."""
     net, trainer, state = twins(model, seed=seed, dropout=0.0)
     net.get_layer("dropout").rate = 0.0
-    images = random_images(steps * batch, seed=seed + 1)
+    images = random_images(steps * batch, seed=seed + 1, flat=flat)
     labels = np.random.default_rng(seed + 2).integers(0, 43, steps * batch).astype(np.int32)
     x = images.astype(np.float32) / 255.0
     y = keras.utils.to_categorical(labels, 43)

@@ -51,6 +51,32 @@ def test_pool_equals_max_pool_with_gradients():
     np.testing.assert_array_equal(g, g_ref)
 
 
+def test_pool_gradient_goes_to_each_windows_first_maximum():
+    x = jnp.array([[0, 1, 2, 2], [1, 1, 2, 0], [3, 0, 0, 0], [3, 3, 0, 0]], jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x[None, :, :, None])))(x)
+    expected = [[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(g, expected)
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_fused_blocks_equal_the_keras_layer_sequence(model):
+    """`__call__` pools before the bias and ReLU; `outputs()` runs the Keras layer order."""
+    m = create_model(model, seed=3, conv="matmul")
+    assert m.pool_first
+    x = jax.random.uniform(jax.random.key(0), (8, 30, 30, 3))
+    np.testing.assert_array_equal(m(x), m.outputs(x)[-1][1])
+    params = nnx.state(m, nnx.Param)
+    graphdef = nnx.graphdef(m)
+
+    def loss(params, layers):
+        net = nnx.merge(graphdef, params)
+        return jnp.sum(net.outputs(x)[-1][1] if layers else net(x)) ** 2
+
+    fused, layered = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(layered), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_picks_by_backend_and_bad_choices_fail():
     expected = ops.conv3x3_matmul if jax.default_backend() == "cpu" else lax.conv_general_dilated
     assert ops.resolve_conv("auto") is expected

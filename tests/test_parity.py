@@ -45,11 +45,28 @@ def test_forward_matches_keras(model):
     assert d["same_predictions"]
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["noise", "flat-halves"])
 @pytest.mark.parametrize("model", [1, 2])
-def test_five_adam_steps_match_keras(model):
-    d = parity.training_difference(model, steps=5)
+def test_five_adam_steps_match_keras(model, flat):
+    d = parity.training_difference(model, steps=5, flat=flat)
     assert d["max_weight_change"] > 1e-3  # the weights did move
     assert d["max_abs"] < 1e-4, d
+
+
+def test_pool_gradient_ties_go_where_tensorflow_sends_them():
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    from cnn_jax.ops import max_pool_2x2
+
+    x = np.random.default_rng(0).integers(0, 3, (2, 9, 8, 3)).astype(np.float32)  # many ties
+    w = np.random.default_rng(1).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    ours = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w))(jnp.asarray(x))
+    xt = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(keras.layers.MaxPooling2D((2, 2))(xt) * w)
+    np.testing.assert_array_equal(ours, tape.gradient(loss, xt).numpy())
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e-7])  # tiny gradients: where optax's Adam differs
