@@ -28,8 +28,9 @@ class Conv3x3(nnx.Conv):
         """relu(pool(conv(x) + b)) computed as relu(pool(conv(x)) + b).
 
         The same numbers, bit for bit: adding b and taking the ReLU are monotonic, also in
-        floating point, so they commute with the max; done after the pool they touch a quarter
-        of the values, and the training step got 25% faster on CPU (BENCHMARKS.md).
+        floating point, so they commute with the max. Done after the pool they touch a quarter
+        of the values; with the pool's own gradient (ops.max_pool_2x2) a Model 2 training step
+        on CPU went from about 7.8 to 5.5 ms (BENCHMARKS.md).
         """
         x, kernel, bias = self.promote_dtype(
             (x, self.kernel[...], self.bias[...]), dtype=self.dtype

@@ -34,6 +34,17 @@ def test_8_devices_equal_1_device_after_several_steps(tiny, dropout):
     np.testing.assert_allclose(one.metrics, eight.metrics, rtol=1e-5)
 
 
+def test_calls_on_several_cpu_devices_return_finished(tiny):
+    """Queued multi-device CPU calls could deadlock in XLA's all-reduce (Trainer._compiled)."""
+    trainer, state = train.create_trainer(Config(devices=8), 43)
+    images, labels, order = trainer.place((tiny.images[:64], tiny.labels[:64], np.arange(64)))
+    state = trainer.train_step(state, images, labels, order, 64, 0, 0)
+    assert state.metrics.is_ready() and state.params["conv1"]["bias"][...].is_ready()
+    eval_order = trainer.place(train._padded(np.arange(64), trainer.eval_batch))
+    sums, _ = trainer.eval_step(state.params, images, labels, eval_order, 64, 0)
+    assert sums.is_ready()
+
+
 def test_batches_that_do_not_divide_are_errors():
     with pytest.raises(ValueError, match="batch size 32 does not divide over 3 devices"):
         train.create_trainer(Config(devices=3), 43)
