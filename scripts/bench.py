@@ -8,9 +8,10 @@ Training: in one process, alternating rounds of `--steps` JAX steps (the jitted 
 `cnn-jax train` runs, each waited for with block_until_ready) and Keras `model.fit` over the same
 number of batches (timed per batch by a callback), same model, batch size and data, after a
 warm-up that compiles both. Medians over all timed steps. Inference: images/s evaluating the
-test split, batches of 1000 on both sides. Loading: cnn_jax's loader without cache (cold) and
-from its cache (warm) against the tutorial's serial cv2.imread + cv2.resize loop. The operating
-system's file cache is warm for all three: nothing here can drop it.
+test split (cnn_jax's `evaluate` in batches of 256, Keras' `evaluate` in batches of 1000).
+Loading: cnn_jax's loader without cache (cold) and from its cache (warm) against the tutorial's
+serial cv2.imread + cv2.resize loop. The operating system's file cache is warm for all three:
+nothing here can drop it.
 """
 
 import argparse
