@@ -68,8 +68,9 @@ def _pool_grad(x, g):
             hit = is_max[:, :, dy, :, dx]
             first.append(hit & ~seen)
             seen = seen | hit
-    mask = jnp.stack(first, axis=-2).reshape(*g.shape[:3], 2, 2, g.shape[-1])
-    grad = jnp.where(mask.transpose(0, 1, 3, 2, 4, 5), g[:, :, None, :, None, :], 0)
+    # Back to the (batch, h/2, dy, w/2, dx, channel) layout of _windows.
+    mask = jnp.stack([jnp.stack(first[2 * dy : 2 * dy + 2], axis=3) for dy in range(2)], axis=2)
+    grad = jnp.where(mask, g[:, :, None, :, None, :], 0)
     b, h, w, c = x.shape
     grad = grad.reshape(b, h // 2 * 2, w // 2 * 2, c)
     return jnp.pad(grad, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
