@@ -92,11 +92,20 @@ def _flatten(x: jax.Array) -> jax.Array:
 class _Sequential(nnx.Module):
     """The Keras layer sequence in `layers()`; `__call__` runs the same maths in fewer passes."""
 
-    def layers(self, dropout_key: jax.Array | None) -> list[tuple[str, Callable]]:
-        raise NotImplementedError
-
     def convs(self) -> list[Conv3x3]:
         raise NotImplementedError
+
+    def layers(self, dropout_key: jax.Array | None = None) -> list[tuple[str, Callable]]:
+        """The Keras layers by name: conv/pool pairs, flatten, dense1, dropout, logits."""
+        result = []
+        for i, conv in enumerate(self.convs(), start=1):
+            result += [(f"conv{i}", lambda x, conv=conv: nnx.relu(conv(x))), (f"pool{i}", _pool)]
+        return result + [
+            ("flatten", _flatten),
+            ("dense1", lambda x: nnx.relu(self.dense1(x))),
+            ("dropout", self._dropout(dropout_key)),
+            ("logits", self.logits),
+        ]
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for NHWC images; dropout runs only when a key is given."""
@@ -131,16 +140,6 @@ class Model1(_Sequential):
     def convs(self):
         return [self.conv1]
 
-    def layers(self, dropout_key=None):
-        return [
-            ("conv1", lambda x: nnx.relu(self.conv1(x))),
-            ("pool1", _pool),
-            ("flatten", _flatten),
-            ("dense1", lambda x: nnx.relu(self.dense1(x))),
-            ("dropout", self._dropout(dropout_key)),
-            ("logits", self.logits),
-        ]
-
 
 class Model2(_Sequential):
     """Two Conv2D/MaxPool blocks (32, 64) -> Flatten -> Dense(128) -> Dropout(0.5) -> Dense."""
@@ -156,18 +155,6 @@ class Model2(_Sequential):
 
     def convs(self):
         return [self.conv1, self.conv2]
-
-    def layers(self, dropout_key=None):
-        return [
-            ("conv1", lambda x: nnx.relu(self.conv1(x))),
-            ("pool1", _pool),
-            ("conv2", lambda x: nnx.relu(self.conv2(x))),
-            ("pool2", _pool),
-            ("flatten", _flatten),
-            ("dense1", lambda x: nnx.relu(self.dense1(x))),
-            ("dropout", self._dropout(dropout_key)),
-            ("logits", self.logits),
-        ]
 
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
