@@ -9,9 +9,32 @@ import sys
 import time
 from pathlib import Path
 
+from cnn_jax import backend
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.report import test_line
+
+
+def _steps_per_call(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1, not {text!r}")
+    return value
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends each option's help with its default, except flags and options whose help already
+    says what leaving them out does."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,38 +42,108 @@ def _parser() -> argparse.ArgumentParser:
         prog="cnn-jax", description="The GTSRB traffic-sign CNNs of the Keras tutorial, in JAX."
     )
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train Model 1 or 2 on a GTSRB folder or synthetic signs")
+
+    def command(name, help):
+        # Every option's help line ends with its default.
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=_HelpWithDefaults,
+        )
+
+    t = command("train", "train Model 1 or 2 on a GTSRB folder, a packed .npz or synthetic signs")
     t.add_argument(
-        "data", nargs="?", help="data folder (CS50 or official GTSRB layout); none: synthetic"
+        "data",
+        nargs="?",
+        help="data folder (CS50 or official GTSRB layout) or .npz from `cnn-jax pack`; "
+        "none: the built-in synthetic signs",
     )
     d = Config()
-    t.add_argument("--model", type=int, choices=(1, 2), default=d.model)
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--model", type=int, choices=(1, 2), default=d.model, help="which network")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     t.add_argument("--lr", type=float, default=d.learning_rate, help="Adam learning rate")
-    t.add_argument("--optimizer", choices=("keras-adam", "adam"), default=d.optimizer)
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--pixels", choices=data_lib.PIXELS, default=d.pixels)
-    t.add_argument("--test-size", type=float, default=d.test_size)
-    t.add_argument("--split", choices=data_lib.SPLITS, default=d.split)
-    t.add_argument("--layout", choices=data_lib.LAYOUTS, default=d.layout)
-    t.add_argument("--image-size", type=int, default=d.image_size)
-    t.add_argument("--num-classes", type=int, default=d.num_classes)
-    t.add_argument("--eval-every-epoch", action="store_true")
     t.add_argument(
-        "--conv", choices=("auto", "lax", "matmul"), default=d.conv, help="convolution formulation"
+        "--optimizer",
+        choices=("keras-adam", "adam"),
+        default=d.optimizer,
+        help="keras-adam: Keras' formula (epsilon on the uncorrected root); adam: optax's",
     )
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
-    t.add_argument("--devices", type=int, help="data-parallel over N local devices (default: all)")
+    t.add_argument(
+        "--seed", type=int, default=d.seed, help="split, weights, batch order and dropout"
+    )
+    t.add_argument(
+        "--pixels",
+        choices=data_lib.PIXELS,
+        default=d.pixels,
+        help="unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck)",
+    )
+    t.add_argument("--test-size", type=float, default=d.test_size, help="fraction held out")
+    t.add_argument(
+        "--split",
+        choices=data_lib.SPLITS,
+        default=d.split,
+        help="random (the tutorial's; near-copies leak) or track (whole tracks on one side)",
+    )
+    t.add_argument(
+        "--layout", choices=data_lib.LAYOUTS, default=d.layout, help="how the folder is laid out"
+    )
+    t.add_argument("--image-size", type=int, default=d.image_size, help="resize to N x N")
+    t.add_argument(
+        "--num-classes", type=int, default=d.num_classes, help="output classes; none: the data's"
+    )
+    t.add_argument("--eval-every-epoch", action="store_true", help="also test after every epoch")
+    t.add_argument(
+        "--conv",
+        choices=("auto", "lax", "matmul"),
+        default=d.conv,
+        help="convolution formulation, same values: auto is matmul on CPU, lax elsewhere",
+    )
+    t.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=d.dtype,
+        help="compute type (parameters stay float32)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=backend.PRECISIONS,
+        default=d.precision,
+        help="float32 matmul precision: default is TF32 on recent NVIDIA GPUs, highest is "
+        "full float32 (parity)",
+    )
+    t.add_argument(
+        "--platform",
+        choices=backend.PLATFORMS,
+        default=d.platform,
+        help="where to train; none: JAX's default backend",
+    )
+    t.add_argument(
+        "--devices", type=int, help="data-parallel over N devices of the platform; none: all"
+    )
     t.add_argument(
         "--steps-per-call",
-        type=int,
+        type=_steps_per_call,
         default=d.steps_per_call,
-        help="training steps per compiled call (a scan; pays on accelerators)",
+        help="training steps per compiled call: auto is 1 on CPU and up to an epoch "
+        f"({backend.IMAGES_PER_CALL:,} images) on accelerators",
     )
-    t.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class)
-    t.add_argument("--workdir", help="run folder (default: runs/model<N>-<time>)")
-    t.add_argument("--cache-dir", help="decoded-image cache (default: $XDG_CACHE_HOME/cnn-jax)")
+    t.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=d.deterministic,
+        help="XLA's deterministic GPU ops, on unless --no-deterministic: GPU runs repeat bit "
+        "for bit, at 15-35%% slower steps",
+    )
+    t.add_argument(
+        "--synthetic-per-class",
+        type=int,
+        default=d.synthetic_per_class,
+        help="synthetic images per class when no data is given",
+    )
+    t.add_argument("--workdir", help="run folder; none: runs/model<N>-<time>")
+    t.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
     t.add_argument("--no-cache", action="store_true", help="decode every image afresh")
     t.add_argument("--quiet", action="store_true", help="only the closing test line")
     t.add_argument("--restart", action="store_true", help="delete the workdir's checkpoints first")
@@ -61,22 +154,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--save-every", type=int, help="also save a checkpoint every N steps")
 
-    e = sub.add_parser("evaluate", help="loss and accuracy (overall and per class) of a checkpoint")
-    e.add_argument("checkpoint", help="a run folder (its best checkpoint) or a step's folder")
-    e.add_argument("data", nargs="?", help="data folder; none: the run's own test split")
-    e.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto")
-    e.add_argument("--cache-dir")
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    def reads_checkpoint(name, help, computes=True):
+        p = command(name, help)
+        p.add_argument("checkpoint", help="a run folder (its best checkpoint) or a step's folder")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if computes:
+            p.add_argument(
+                "--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's default"
+            )
+        return p
 
-    pr = sub.add_parser("predict", help="classify image files with a checkpoint")
-    pr.add_argument("checkpoint")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("--top-k", type=int, default=3)
-    pr.add_argument("--json", action="store_true")
+    e = reads_checkpoint("evaluate", "loss and accuracy (overall and per class) of a checkpoint")
+    e.add_argument("data", nargs="?", help="data folder or packed .npz; none: the run's test split")
+    e.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    e.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
 
-    i = sub.add_parser("info", help="what a checkpoint holds, with a digest of its parameters")
-    i.add_argument("checkpoint")
-    i.add_argument("--json", action="store_true")
+    pr = reads_checkpoint("predict", "classify image files with a checkpoint")
+    pr.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
+
+    reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
+
+    pk = command("pack", "decode a data folder into one compressed .npz for train and evaluate")
+    pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
+    pk.add_argument("out", help="the .npz file to write")
+    pk.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    pk.add_argument("--image-size", type=int, default=d.image_size, help="resize to N x N")
 
     # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
     # never imports them; they register through this entry-point group.
@@ -103,6 +206,8 @@ def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> d
 
 
 def _train(args) -> int:
+    # XLA reads its flags when JAX starts a backend: before anything below imports JAX.
+    backend.use_deterministic_ops(args.deterministic)
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
     cfg = Config(
@@ -123,14 +228,15 @@ def _train(args) -> int:
         synthetic_per_class=args.synthetic_per_class,
         conv=args.conv,
         dtype=args.dtype,
+        precision=args.precision,
+        platform=args.platform,
         devices=args.devices,
         steps_per_call=args.steps_per_call,
+        deterministic=args.deterministic,
     )
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:
         raise ValueError("--save-every must be at least 1")
-    if args.steps_per_call < 1:
-        raise ValueError("--steps-per-call must be at least 1")
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     with _StopOnSignal() as stop:
@@ -191,7 +297,7 @@ def _evaluate(args) -> int:
     from cnn_jax.inference import evaluate_checkpoint, load_checkpoint
 
     result = evaluate_checkpoint(
-        load_checkpoint(args.checkpoint), args.data, args.layout, args.cache_dir
+        load_checkpoint(args.checkpoint, args.platform), args.data, args.layout, args.cache_dir
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -210,7 +316,8 @@ def _evaluate(args) -> int:
 def _predict(args) -> int:
     from cnn_jax.inference import load_checkpoint, predict_files
 
-    results = predict_files(load_checkpoint(args.checkpoint), args.images, args.top_k)
+    restored = load_checkpoint(args.checkpoint, args.platform)
+    results = predict_files(restored, args.images, args.top_k)
     failed = 0
     for path, top in results:
         if isinstance(top, str):
@@ -232,6 +339,28 @@ def _predict(args) -> int:
         ]
         print(json.dumps(rows, indent=2))
     return 2 if failed else 0
+
+
+def _pack(args) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"{out} must end in .npz (train and evaluate tell packs by it)")
+    if out.exists():
+        raise ValueError(f"{out} exists: not overwriting it")
+    t0 = time.perf_counter()
+    ds = data_lib.load_folder(
+        args.data, layout=args.layout, image_size=args.image_size, use_cache=False
+    )
+    data_lib.write_npz(out, ds, compress=True)
+    print(
+        f"packed {len(ds.labels):,} images of {ds.num_classes} classes "
+        f"({args.image_size}x{args.image_size}) from {Path(args.data).resolve()} into {out} "
+        f"({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s; "
+        f"skipped {len(ds.skipped)} unreadable files"
+    )
+    for path, reason in ds.skipped[:10]:
+        print(f"  skipped {path}: {reason}")
+    return 0
 
 
 def _info(args) -> int:
@@ -278,7 +407,13 @@ def main(argv=None) -> int:
     """Entry point; user errors become one line on stderr and exit code 2."""
     args = _parser().parse_args(argv)
     sys.unraisablehook = _quiet_unraisable
-    commands = {"train": _train, "evaluate": _evaluate, "predict": _predict, "info": _info}
+    commands = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "info": _info,
+        "pack": _pack,
+    }
     try:
         return commands.get(args.command, getattr(args, "run", None))(args)
     except BrokenPipeError:  # `cnn-jax info ... | head`: the reader left; not an error of ours

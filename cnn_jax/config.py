@@ -24,8 +24,14 @@ class Config:
     dropout: float = 0.5  # the tutorial's Dropout(0.5); 0 switches it off (parity tests)
     conv: str = "auto"  # auto (matmul on CPU, lax elsewhere), lax or matmul: same values
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    # float32 matmul/conv precision: default (TF32 on recent NVIDIA GPUs), high or highest
+    precision: str = "default"
+    platform: str | None = None  # cpu, gpu or tpu; None: JAX's default backend
     devices: int | None = None  # data-parallel over this many local devices; None: all
-    steps_per_call: int = 1  # training steps per compiled call; >1 scans them (accelerators)
+    # training steps per compiled call: auto is 1 on CPU, up to an epoch on accelerators
+    steps_per_call: int | str = "auto"
+    # XLA's deterministic GPU ops; only takes effect if set before JAX starts (the CLI does)
+    deterministic: bool = True
     seed: int = 0  # drives the split, the initial weights, the batch order and dropout
     eval_every_epoch: bool = False  # also evaluate on the test split after every epoch
     synthetic_per_class: int = 100  # images per class when no data folder is given

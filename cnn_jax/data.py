@@ -78,7 +78,7 @@ def list_files(root: Path, layout: str = "auto") -> tuple[list[Path], list[int]]
     """The image files of a data folder and their class ids, in a stable order."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist or is not a folder")
+        raise DataError(f"data folder {root} does not exist (give a folder or a packed .npz)")
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "cs50":
@@ -234,26 +234,43 @@ def _cache_key(root: Path, files: list[Path], layout: str, image_size: int) -> s
     return h.hexdigest()[:24]
 
 
-def _read_cache(path: Path) -> Dataset | None:
+def read_npz(path: Path | str) -> Dataset:
+    """A decoded set from a cache or pack `.npz` (no pickles), checked for consistent arrays."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Dataset(
-                images=z["images"],
-                labels=z["labels"],
-                paths=z["paths"],
-                skipped=tuple(zip(z["skipped_paths"].tolist(), z["skipped_reasons"].tolist())),
-            )
+            images, labels, paths = z["images"], z["labels"], z["paths"]
+            skipped_paths, skipped_reasons = z["skipped_paths"], z["skipped_reasons"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        print(f"warning: ignoring unreadable cache {path} ({e}); rebuilding it", file=sys.stderr)
-        return None
+        raise DataError(
+            f"cannot read {path} as a cnn-jax .npz: {describe_error(e, path)}"
+        ) from None
+    n = len(labels) if labels.ndim == 1 else -1
+    problem = (
+        "images are not (N, size, size, 3) uint8"
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3
+        or images.shape[1] != images.shape[2]
+        else "labels are not one integer per image"
+        if labels.dtype.kind not in "iu" or n != len(images) or (n and labels.min() < 0)
+        else "paths are not one string per image"
+        if paths.dtype.kind != "U" or paths.shape != (n,)
+        else "skipped files and reasons do not pair up"
+        if skipped_paths.shape != skipped_reasons.shape or skipped_paths.ndim != 1
+        else None
+    )  # fmt: skip
+    if problem:
+        raise DataError(f"{path} is not a usable cnn-jax .npz: {problem}")
+    skipped = tuple(zip(skipped_paths.tolist(), skipped_reasons.tolist()))
+    return Dataset(images, labels.astype(np.int32), paths, skipped)
 
 
-def _write_cache(path: Path, ds: Dataset) -> None:
+def write_npz(path: Path | str, ds: Dataset, compress: bool = False) -> None:
+    """Writes `ds` atomically (a temporary file renamed), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
-            np.savez(
+            (np.savez_compressed if compress else np.savez)(
                 fh,
                 images=ds.images,
                 labels=ds.labels,
@@ -261,9 +278,42 @@ def _write_cache(path: Path, ds: Dataset) -> None:
                 skipped_paths=np.asarray([p for p, _ in ds.skipped], dtype=str),
                 skipped_reasons=np.asarray([r for _, r in ds.skipped], dtype=str),
             )
-        os.replace(tmp, path)  # atomic: a reader never sees half a cache
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_cache(path: Path) -> Dataset | None:
+    try:
+        return read_npz(path)
+    except DataError as e:
+        print(f"warning: ignoring unreadable cache: {e}; rebuilding it", file=sys.stderr)
+        return None
+
+
+def _write_cache(path: Path, ds: Dataset) -> None:
+    try:
+        write_npz(path, ds)
     except OSError as e:
         print(f"warning: could not write cache {path}: {e}", file=sys.stderr)
+
+
+def load_packed(path: Path | str, image_size: int) -> Dataset:
+    """A set written by `cnn-jax pack`, at the image size it was packed with."""
+    ds = read_npz(path)
+    size = ds.images.shape[1]
+    if size != image_size:
+        raise DataError(
+            f"{path} holds {size}x{size} images: use --image-size {size}, or pack the folder "
+            f"again with --image-size {image_size}"
+        )
+    if not len(ds.labels):
+        raise DataError(f"{path} holds no images")
+    return ds
+
+
+def is_packed(path: Path | str) -> bool:
+    return Path(path).suffix == ".npz" and Path(path).is_file()
 
 
 def load_folder(
@@ -274,8 +324,11 @@ def load_folder(
     cache_dir: Path | str | None = None,
     use_cache: bool = True,
 ) -> Dataset:
-    """Loads a data folder, reusing the on-disk cache when the folder's files are unchanged."""
+    """Loads a data folder, reusing the on-disk cache when the folder's files are unchanged, or
+    a `.npz` file written by `cnn-jax pack`."""
     root = Path(root).resolve()
+    if is_packed(root):
+        return load_packed(root, image_size)
     if layout == "auto" and root.is_dir():
         layout = detect_layout(root)
     files, labels = list_files(root, layout)

@@ -35,13 +35,16 @@ class Restored:
         return count_params(nnx.merge(self.trainer.graphdef, self.params))
 
 
-def load_checkpoint(path: Path | str) -> Restored:
-    """A run folder (its best checkpoint), its checkpoints/ folder, or one step's folder."""
+def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
+    """A run folder (its best checkpoint), its checkpoints/ folder, or one step's folder, on
+    `platform`'s devices (JAX's default backend's when None)."""
     store, step = locate(path)
     meta = store.read_meta(step)
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
-    trainer, template = create_trainer(config, meta["num_classes"])
+    # Restored onto this machine's devices, whatever the run trained on (a GPU, 8 devices).
+    local = dataclasses.replace(config, platform=platform, devices=None)
+    trainer, template = create_trainer(local, meta["num_classes"])
     state, meta = store.restore(step, template)
     store.close()
     return Restored(config, trainer, state, meta, step, store.directory / str(step))

@@ -169,15 +169,17 @@ def create_model(
     dropout: float = 0.5,
     conv: str = "auto",
     dtype: str = "float32",
+    platform: str | None = None,
 ):
     """Builds Model 1 or 2 with weights drawn from `seed`.
 
-    dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS) and
-    `dtype` the compute type ('float32' or 'bfloat16'; parameters stay float32).
+    dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
+    by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
+    'bfloat16'; parameters stay float32).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    conv_fn = ops.resolve_conv(conv)
+    conv_fn = ops.resolve_conv(conv, platform)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: choose 1 or 2")

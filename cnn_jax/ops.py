@@ -28,12 +28,13 @@ def conv3x3_matmul(inputs, kernel, window_strides=None, padding=None, **unused):
     return out.reshape(b, ho, wo, cout)
 
 
-def resolve_conv(conv: str):
-    """The convolution function for a `--conv` choice; 'auto' picks by the default backend."""
+def resolve_conv(conv: str, platform: str | None = None):
+    """The convolution function for a `--conv` choice; 'auto' picks by the platform that runs
+    it (the default backend's when None)."""
     if conv not in CONVS:
         raise ValueError(f"unknown convolution {conv!r}: choose one of {', '.join(CONVS)}")
     if conv == "auto":
-        conv = "matmul" if jax.default_backend() == "cpu" else "lax"
+        conv = "matmul" if (platform or jax.default_backend()) == "cpu" else "lax"
     return conv3x3_matmul if conv == "matmul" else lax.conv_general_dilated
 
 

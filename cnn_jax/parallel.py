@@ -5,14 +5,16 @@ The same code runs on one device (a mesh of one). Across hosts, start every proc
 and the mesh spans them all. Each process loads the same data folder.
 """
 
-import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cnn_jax import backend
 
-def create_mesh(devices: int | None = None) -> Mesh:
-    """A mesh over the first `devices` devices (all when None)."""
-    available = jax.devices()
+
+def create_mesh(devices: int | None = None, platform: str | None = None) -> Mesh:
+    """A mesh over the first `devices` devices of `platform` (all, and the default backend's,
+    when None)."""
+    available = backend.devices(platform)
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
         raise ValueError(

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
-from cnn_jax import parallel
 from cnn_jax.config import Config
 from cnn_jax.models import count_params, create_model
 from cnn_jax.optim import create_optimizer
@@ -76,6 +76,11 @@ class Trainer:
     steps_per_call: int = 1  # training steps per compiled call (a lax.scan when > 1)
     # The same network for inference; it may use another convolution formulation.
     infer_graphdef: Any = None
+    precision: str | None = None  # jax.default_matmul_precision while tracing; None: JAX's
+
+    @property
+    def platform(self) -> str:
+        return self.mesh.devices.flat[0].platform
 
     @property
     def eval_batch(self) -> int:
@@ -102,9 +107,23 @@ class Trainer:
             params, self.tx.init(params), jnp.zeros([], jnp.int32), jnp.zeros(3, jnp.float32)
         )
 
+    def _jit(self, fn, **jit_options):
+        """jax.jit of `fn`, traced under the configured matmul precision.
+
+        The precision is written into each product when traced, so the gradient's products
+        carry it too.
+        """
+
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.default_matmul_precision(self.precision):
+                return fn(*args)
+
+        return jax.jit(traced if self.precision else fn, **jit_options)
+
     def _compiled(self, fn, **jit_options):
-        compiled = jax.jit(fn, **jit_options)
-        if self.mesh.size == 1 or self.mesh.devices.flat[0].platform != "cpu":
+        compiled = self._jit(fn, **jit_options)
+        if self.mesh.size == 1 or self.platform != "cpu":
             return compiled
         # Several CPU devices share one thread pool: with a few multi-device calls queued,
         # an all-reduce could wait for device threads that never ran, and XLA aborted the
@@ -118,10 +137,13 @@ class Trainer:
 
     @functools.cached_property
     def train_steps(self):
-        """`steps_per_call` steps in one compiled call; steps past the epoch's end are skipped.
+        """`steps_per_call` steps in one compiled call; steps past the epoch's end change nothing.
 
         One call per many steps takes Python and the dispatch out of the loop, which is what
         makes small steps fast on an accelerator. The state is donated as in `train_step`.
+        Steps past the end are computed and dropped with a select rather than skipped with
+        `lax.cond`, whose predicate XLA:GPU may read back to the host on every step (a sync),
+        and `backend.steps_per_call` sizes calls so that only resumed epochs have such steps.
         """
 
         def run(state, images, labels, order, n, start, seed):
@@ -129,8 +151,9 @@ class Trainer:
 
             def body(state, k):
                 i = start + k
-                step = lambda s: self._train_step(s, images, labels, order, n, i, seed)  # noqa: E731
-                return jax.lax.cond(i < steps, step, lambda s: s, state), None
+                new = self._train_step(state, images, labels, order, n, i, seed)
+                keep = lambda a, b: jnp.where(i < steps, a, b)  # noqa: E731
+                return jax.tree.map(keep, new, state), None
 
             return jax.lax.scan(body, state, jnp.arange(self.steps_per_call))[0]
 
@@ -174,13 +197,19 @@ class Trainer:
     @functools.cached_property
     def probabilities(self):
         """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
-        return jax.jit(
+        return self._jit(
             lambda params, images: jax.nn.softmax(self.apply(params, images, inference=True))
         )
 
 
-def create_trainer(config: Config, num_classes: int):
-    """The Trainer and the initial state for a config."""
+def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
+    """The Trainer and the initial state for a config.
+
+    `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call).
+    """
+    platform = backend.resolve_platform(config.platform)
+    mesh = parallel.create_mesh(config.devices, platform)
+    parallel.check_batch(config.batch_size, mesh)
 
     def build(conv):
         return create_model(
@@ -191,6 +220,7 @@ def create_trainer(config: Config, num_classes: int):
             dropout=config.dropout,
             conv=conv,
             dtype=config.dtype,
+            platform=platform,
         )
 
     graphdef, params = nnx.split(build(config.conv))
@@ -198,16 +228,18 @@ def create_trainer(config: Config, num_classes: int):
     # matmul form (11k vs 4-9k images/s, BENCHMARKS.md); only its gradient is slow there.
     infer_graphdef = nnx.split(build("lax"))[0] if config.conv == "auto" else graphdef
     tx = create_optimizer(config.optimizer, config.learning_rate)
-    mesh = parallel.create_mesh(config.devices)
-    parallel.check_batch(config.batch_size, mesh)
+    per_call = backend.steps_per_call(
+        config.steps_per_call, platform, steps_per_epoch, config.batch_size
+    )
     trainer = Trainer(
         graphdef,
         tx,
         config.pixels,
         config.batch_size,
         mesh,
-        config.steps_per_call,
+        per_call,
         infer_graphdef,
+        backend.matmul_precision(config.precision),
     )
     return trainer, trainer.place(trainer.init_state(params))
 
@@ -278,7 +310,8 @@ def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_s
 # Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
 RESUME_KEYS = (
     "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
-    "batch_size", "learning_rate", "optimizer", "dropout", "dtype", "seed", "synthetic_per_class",
+    "batch_size", "learning_rate", "optimizer", "dropout", "dtype", "precision", "seed",
+    "synthetic_per_class",
 )  # fmt: skip
 
 
@@ -334,7 +367,8 @@ def fit(
     train_idx, test_idx = data_lib.split_indices(
         dataset.labels, config.test_size, config.seed, config.split, dataset.paths
     )
-    trainer, state = create_trainer(config, num_classes)
+    steps_per_epoch = -(-len(train_idx) // config.batch_size)
+    trainer, state = create_trainer(config, num_classes, steps_per_epoch)
     train_images, train_labels, test_images, test_labels = trainer.place(
         (
             dataset.images[train_idx],
@@ -350,9 +384,15 @@ def fit(
         "n_train": len(train_idx),
         "n_test": len(test_idx),
         "skipped_files": [{"path": p, "reason": r} for p, r in dataset.skipped],
+        **_device_record(trainer, config),
         "epochs": [],
     }
     say = print if verbose else (lambda *a, **k: None)
+    if metrics["platform"] == "gpu" and config.deterministic != backend.deterministic_ops():
+        say(
+            f"warning: deterministic GPU ops are {'off' if config.deterministic else 'on'} in "
+            "this process (XLA_FLAGS is read when JAX starts): see cnn_jax.backend"
+        )
     store, first_epoch, start = None, 0, 0
     if workdir is not None:
         from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
@@ -373,8 +413,6 @@ def fit(
             say(f"resuming {workdir} from step {int(state.step)} (epoch {first_epoch + 1}, "
                 f"step {start})")  # fmt: skip
         config.write(workdir / "config.json")
-
-    steps_per_epoch = -(-len(train_idx) // config.batch_size)
 
     def save(epoch, step_in_epoch, state, test_accuracy=None):
         meta = {
@@ -409,7 +447,8 @@ def fit(
             trainer, state, train_images, train_labels, order, config.seed,
             start=start, after_step=after_step,
         )  # fmt: skip
-        all_step_ms += step_ms[1:] if not all_step_ms else step_ms  # the first step compiles
+        # The run's first call compiles: left out, also when an epoch is one call.
+        all_step_ms += step_ms[1:] if epoch == first_epoch else step_ms
         if done < steps_per_epoch:  # stopped on request mid-epoch
             if store is not None and int(state.step) not in store.steps():
                 save(epoch, done, state)
@@ -443,6 +482,20 @@ def fit(
         metrics["checkpoints"] = str(store.directory)
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return state, metrics
+
+
+def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
+    """Where the run trains, for metrics.json: platform, devices, and how."""
+    device = trainer.mesh.devices.flat[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": trainer.mesh.size,
+        "steps_per_call": trainer.steps_per_call,
+        "precision": config.precision,
+        # CPU runs repeat bit for bit anyway; on a GPU it takes XLA's deterministic ops.
+        "deterministic": device.platform == "cpu" or backend.deterministic_ops(),
+    }
 
 
 def _interrupted(store, progress, state, epoch, step_in_epoch, steps_per_epoch):

@@ -120,6 +120,8 @@ def import_keras(path: Path | str, ckpt_dir: Path | str, pixels: str = "raw") ->
         num_classes=num_classes,
         pixels=pixels,
         epochs=0,
+        # An imported model is evaluated as Keras computes it: full float32 products, not TF32.
+        precision="highest",
     )
     trainer, state = create_trainer(config, num_classes)
     set_keras_weights(state, net, model)

@@ -18,7 +18,10 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     """A seeded Keras model and a cnn_jax Trainer and state holding the same weights."""
     keras.utils.set_random_seed(seed)
     net = create_model(model, image_size, num_classes)
-    cfg = Config(model=model, image_size=image_size, dropout=dropout, pixels="unit")
+    # Full float32 products: a GPU's default TF32 would loosen the comparison (NUMERICS.md).
+    cfg = Config(
+        model=model, image_size=image_size, dropout=dropout, pixels="unit", precision="highest"
+    )
     trainer, state = create_trainer(cfg, num_classes)
     set_keras_weights(state, net, model)
     return net, trainer, state

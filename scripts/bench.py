@@ -39,7 +39,7 @@ from keras_ref.train import StepTimer
 
 
 def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1):
-    cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=1)
+    cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=1, platform="cpu")
     trainer, state = create_trainer(cfg, 43)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     net = create_model(model)

@@ -1,9 +1,14 @@
 """Shared fixtures: tiny synthetic data, temporary folders, and the real GTSRB folder if present.
 
 The CPU is split into 8 devices before JAX starts, so the data-parallel path is tested here;
-training that does not name --devices uses all of them.
+training that does not name --devices uses all of them. Tests ask for CPU devices by name
+(`platform="cpu"`, `--platform cpu`), so they run the same on a machine with a GPU; tests marked
+`gpu` are about the accelerator and skip, with the reason, where JAX finds none.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,9 +16,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnn_jax import backend
+
+# As the CLI does, before JAX starts: the in-process GPU tests run with deterministic ops.
+backend.use_deterministic_ops(True)
+# The `cnn-jax` subprocesses of some tests share the GPU with this process: allocate on demand
+# rather than each taking 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# ... and import this checkout, installed or not (a GPU machine's image may only have its files).
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 jax.config.update("jax_num_cpu_devices", 8)
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gtsrb"
+REAL_DATA = ROOT.parent / "shared" / "data" / "gtsrb"
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() != "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU or TPU: JAX finds only CPU devices here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +53,18 @@ def real_data() -> Path:
     if not (REAL_DATA / "0").is_dir():
         pytest.skip(f"the real GTSRB folder is not at {REAL_DATA}")
     return REAL_DATA
+
+
+def start_cli(*args, cwd, **env) -> subprocess.Popen:
+    """`python -m cnn_jax ARGS` in a subprocess with text pipes, unbuffered, warnings off."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnn_jax", *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def write_image(path: Path, seed: int = 0, size=(40, 36), fmt=None) -> None:

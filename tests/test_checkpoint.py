@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, interruptions, corruption, and the commands that read them."""
 
+import functools
 import json
 import os
 import pickle
@@ -10,12 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import start_cli
 
 from cnn_jax import checkpoint, train
 from cnn_jax.checkpoint import CheckpointError, Checkpoints
 from cnn_jax.cli import main
-from cnn_jax.config import Config
+from cnn_jax.config import Config as _Config
 from cnn_jax.synthetic import make_synthetic
+
+# CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
+Config = functools.partial(_Config, platform="cpu")
 
 # One device, as the `cnn-jax` subprocesses below have. 516 train images: 17 steps per epoch.
 CFG = Config(epochs=2, synthetic_per_class=20, devices=1)
@@ -142,33 +147,22 @@ def test_flipped_bytes_and_missing_items_are_detected(small, tmp_path):
 
 def _cli(*args, cwd):
     # The same 8-device CPU client as this process: XLA:CPU's arithmetic can differ with it.
-    env = dict(
-        os.environ,
-        PYTHONWARNINGS="ignore",
-        PYTHONUNBUFFERED="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "cnn_jax", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_cli(*args, cwd=cwd, XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
-def _wait_for_step(workdir: Path, timeout=120):
+def _wait_for_step(proc, workdir: Path, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
             return
+        if proc.poll() is not None:  # it died (or finished) before its first save
+            raise AssertionError(f"exit {proc.returncode}: {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
 
 
 TRAIN = ["train", "--epochs", "2", "--synthetic-per-class", "20", "--save-every", "3", "--quiet"]
-TRAIN += ["--devices", "1"]
+TRAIN += ["--devices", "1", "--platform", "cpu"]
 
 
 def _info_digest(workdir, cwd):
@@ -187,7 +181,7 @@ def test_signals_then_resume_match_an_uninterrupted_run(reference, tmp_path, sig
     digest, _, _ = reference
     workdir = tmp_path / "run"
     proc = _cli(*TRAIN, "--workdir", str(workdir), cwd=tmp_path)
-    _wait_for_step(workdir)
+    _wait_for_step(proc, workdir)
     time.sleep(0.3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -206,7 +200,7 @@ def test_signals_then_resume_match_an_uninterrupted_run(reference, tmp_path, sig
 
 def test_evaluate_predict_and_info_commands(reference, tmp_path, capsys):
     _, metrics, workdir = reference
-    assert main(["evaluate", str(workdir), "--json"]) == 0
+    assert main(["evaluate", str(workdir), "--json", "--platform", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == metrics["test_accuracy"]  # the run's own test split
     assert result["n"] == metrics["n_test"] and len(result["per_class"]) == 43
@@ -217,7 +211,8 @@ def test_evaluate_predict_and_info_commands(reference, tmp_path, capsys):
 
     Image.fromarray(make_synthetic(1).images[14]).save(image)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    code = main(["predict", str(workdir), str(image), str(tmp_path / "broken.jpg"), "--json"])
+    args = [str(image), str(tmp_path / "broken.jpg"), "--json", "--platform", "cpu"]
+    code = main(["predict", str(workdir), *args])
     captured = capsys.readouterr()
     assert code == 2
     rows = json.loads(captured.out)

@@ -5,14 +5,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from cnn_jax.cli import main
+from cnn_jax.cli import _parser, main
 
 
 def test_train_on_synthetic_data(tmp_path, capsys):
     code = main(
         ["train", "--epochs", "1", "--synthetic-per-class", "8", "--workdir", str(tmp_path / "r")]
+        + ["--platform", "cpu"]
     )
     out = capsys.readouterr().out
     assert code == 0
@@ -24,7 +26,14 @@ def test_train_on_synthetic_data(tmp_path, capsys):
 
 def test_train_on_a_folder_reports_skipped_files(cs50_folder, tmp_path, capsys):
     args = ["train", str(cs50_folder), "--model", "1", "--epochs", "1", "--test-size", "0.3"]
-    args += ["--workdir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+    args += [
+        "--workdir",
+        str(tmp_path / "r"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--platform",
+        "cpu",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "skipped 3 unreadable files" in out and "skipped 1/notes.txt" in out
@@ -54,3 +63,61 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, make, args, message):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
+def test_pack_then_train_and_evaluate_from_the_file(cs50_folder, tmp_path, capsys):
+    packed = tmp_path / "signs.npz"
+    assert main(["pack", str(cs50_folder), str(packed)]) == 0
+    assert "packed 14 images of 3 classes" in capsys.readouterr().out
+    assert main(["pack", str(cs50_folder), str(packed)]) == 2  # never overwrites
+    args = ["train", str(packed), "--epochs", "1", "--test-size", "0.3", "--platform", "cpu"]
+    assert main([*args, "--workdir", str(tmp_path / "r"), "--precision", "highest"]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert len(metrics["skipped_files"]) == 3 and metrics["n_train"] + metrics["n_test"] == 14
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["precision"] == "highest" and config["data"] == str(packed)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), str(packed), "--json", "--platform", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 14
+    # a resume must keep the precision, as any setting that changes the result
+    code = main([*args, "--workdir", str(tmp_path / "r"), "--epochs", "2"])
+    assert code == 2 and "--precision is 'default' but the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(labels=np.zeros(3, np.int32)), "labels are not one integer per image"),
+        (dict(images=np.zeros((4, 30, 30, 3), np.float32)), "images are not"),
+        (dict(paths=np.arange(4)), "paths are not"),
+    ],
+)
+def test_a_broken_pack_is_one_line_and_exit_2(tmp_path, arrays, message):
+    good = dict(
+        images=np.zeros((4, 30, 30, 3), np.uint8),
+        labels=np.arange(4, dtype=np.int32),
+        paths=np.array([f"{i}/a.ppm" for i in range(4)]),
+        skipped_paths=np.array([], str),
+        skipped_reasons=np.array([], str),
+    )
+    np.savez(tmp_path / "bad.npz", **{**good, **arrays})
+    r = _run("train", "bad.npz", "--platform", "cpu", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
+def test_a_pack_of_another_image_size_is_refused(cs50_folder, tmp_path, capsys):
+    assert main(["pack", str(cs50_folder), str(tmp_path / "s.npz"), "--image-size", "32"]) == 0
+    assert main(["train", str(tmp_path / "s.npz"), "--platform", "cpu"]) == 2
+    assert "holds 32x32 images: use --image-size 32" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    parser = _parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "evaluate", "predict", "info", "pack"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"cnn-jax {name} {action.option_strings or action.dest}"
+    text = commands["train"].format_help()
+    assert "(default: auto)" in text and "(default: keras-adam)" in text

@@ -11,6 +11,13 @@ from cnn_jax import ops
 from cnn_jax.models import create_model
 
 
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """Exact float32 products: a GPU's default TF32 is tested at `highest` in test_gpu.py."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _lax_conv(x, k):
     return lax.conv_general_dilated(
         x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")

@@ -1,11 +1,15 @@
 """The real GTSRB folder in ../shared/data/gtsrb: loading, and a short real training run."""
 
+import functools
 import time
 
 import pytest
 
 from cnn_jax import data, train
-from cnn_jax.config import Config
+from cnn_jax.config import Config as _Config
+
+# CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
+Config = functools.partial(_Config, platform="cpu")
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +29,6 @@ def test_shared_set_loads_with_its_two_empty_files_skipped(real_data, tmp_path):
 
 def test_two_epochs_of_model_2_learn_the_real_signs(real_data, tmp_path):
     ds = data.load_folder(real_data, cache_dir=tmp_path)
-    _, m = train.fit(Config(model=2, epochs=2, seed=0), ds, verbose=False)
+    _, m = train.fit(Config(model=2, epochs=2, seed=0, devices=1), ds, verbose=False)
     assert (m["n_train"], m["n_test"]) == (15_982, 10_656)
     assert m["test_accuracy"] > 0.8, m  # full 10-epoch runs reach about 0.98 (README)

@@ -1,15 +1,18 @@
 """Training: one trace per run, determinism, padded last batches, learning, metrics."""
 
 import dataclasses
+import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cnn_jax import train
-from cnn_jax.config import Config
+from cnn_jax.config import Config as _Config
+
+# CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
+Config = functools.partial(_Config, platform="cpu")
 
 
 def _leaves(state):
@@ -34,6 +37,12 @@ def test_scanned_steps_equal_single_steps_and_trace_once(tiny):
     assert m1["test_accuracy"] == pytest.approx(m7["test_accuracy"], abs=1 / m1["n_test"])
 
 
+def test_step_times_are_reported_when_each_epoch_is_one_call(tiny):
+    _, m = train.fit(Config(epochs=2, devices=1, steps_per_call=9), tiny, verbose=False)
+    assert m["steps_per_call"] == 9  # 258 images: 9 steps, one call per epoch
+    assert m["median_step_ms"] > 0  # the second epoch's call; the first compiles
+
+
 def test_same_seed_gives_bit_identical_parameters(tiny):
     cfg = Config(epochs=2, seed=5)
     a, ma = train.fit(cfg, tiny, verbose=False)
@@ -51,11 +60,16 @@ def test_padded_last_batch_equals_a_plain_smaller_batch():
     _, state_small = train.create_trainer(Config(model=2, batch_size=5, devices=1), 43)
     small = dataclasses.replace(trainer, batch_size=5)
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (5, 30, 30, 3), np.uint8))
-    labels = jnp.asarray(rng.integers(0, 43, 5).astype(np.int32))
-    order = jnp.asarray(train._padded(np.arange(5), 8))
+    images, labels, order, plain_order = trainer.place(
+        (
+            rng.integers(0, 256, (5, 30, 30, 3), np.uint8),
+            rng.integers(0, 43, 5).astype(np.int32),
+            train._padded(np.arange(5), 8),
+            np.arange(5, dtype=np.int32),
+        )
+    )
     padded = trainer.train_step(state, images, labels, order, 5, 0, 0)
-    plain = small.train_step(state_small, images, labels, jnp.arange(5, dtype=jnp.int32), 5, 0, 0)
+    plain = small.train_step(state_small, images, labels, plain_order, 5, 0, 0)
     for x, y in zip(_leaves(padded), _leaves(plain)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(padded.metrics, plain.metrics, rtol=1e-5)
@@ -66,7 +80,7 @@ def test_training_learns_the_synthetic_signs():
     from cnn_jax.synthetic import make_synthetic
 
     ds = make_synthetic(n_per_class=40, seed=1)
-    _, m = train.fit(Config(epochs=6, seed=0), ds, verbose=False)
+    _, m = train.fit(Config(epochs=6, seed=0, devices=1), ds, verbose=False)
     assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"] - 1.0
     assert m["test_accuracy"] > 0.3  # chance is 1/43
 
@@ -92,7 +106,7 @@ def test_evaluate_counts_every_image(tiny):
     images = np.resize(tiny.images, (n, 30, 30, 3))
     labels = np.resize(tiny.labels, n)
     ev = train.evaluate(trainer, state.params, images, labels)
-    logits = np.asarray(trainer.apply(state.params, jnp.asarray(images), inference=True))
+    logits = np.asarray(trainer.apply(state.params, trainer.place(images), inference=True))
     assert ev["n"] == n
     assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)
 
