@@ -315,11 +315,16 @@ RESUME_KEYS = (
 )  # fmt: skip
 
 
+# How a user names a setting on the command line, where it is not --field-name.
+_FLAG_NAMES = {"learning_rate": "--lr", "data": "the data argument"}
+
+
 def _check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path) -> None:
     for key in RESUME_KEYS:
         if saved["config"].get(key) != getattr(config, key):
+            flag = _FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
             raise ValueError(
-                f"--{key.replace('_', '-')} is {getattr(config, key)!r} but the run in "
+                f"{flag} is {getattr(config, key)!r} but the run in "
                 f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
                 "or --restart / another --workdir to start over"
             )

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, interruptions, corruption, and the commands that read them."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -90,6 +91,8 @@ def test_changing_a_setting_on_resume_names_it(small, tmp_path):
         train.fit(CFG, small, tmp_path, verbose=False, should_stop=_stop_at(3))
     with pytest.raises(ValueError, match="--model is 1 but the run"):
         train.fit(Config(model=1, epochs=2, synthetic_per_class=20), small, tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="--lr is 0.01 but the run .* used 0.001"):
+        train.fit(dataclasses.replace(CFG, learning_rate=0.01), small, tmp_path, verbose=False)
     other = make_synthetic(20, seed=7)
     with pytest.raises(ValueError, match="the data differs"):
         train.fit(CFG, other, tmp_path, verbose=False)
