@@ -37,8 +37,15 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cnn-jax", description="The GTSRB traffic-sign CNNs of the Keras tutorial, in JAX."
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,6 +244,7 @@ def _train(args) -> int:
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:
         raise ValueError("--save-every must be at least 1")
+    backend.devices(cfg.platform)  # a missing GPU is named before the data loads
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     with _StopOnSignal() as stop:

@@ -241,9 +241,9 @@ def read_npz(path: Path | str) -> Dataset:
             images, labels, paths = z["images"], z["labels"], z["paths"]
             skipped_paths, skipped_reasons = z["skipped_paths"], z["skipped_reasons"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(
-            f"cannot read {path} as a cnn-jax .npz: {describe_error(e, path)}"
-        ) from None
+        # NumPy's own message for a non-archive suggests loading it as a pickle: never.
+        why = "not a .npz of plain arrays" if "pickle" in str(e) else describe_error(e, path)
+        raise DataError(f"cannot read {path} as a cnn-jax .npz: {why}") from None
     n = len(labels) if labels.ndim == 1 else -1
     problem = (
         "images are not (N, size, size, 3) uint8"

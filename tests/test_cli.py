@@ -54,6 +54,8 @@ def _run(*args, cwd):
         (None, ["train", "missing-folder"], "does not exist"),
         (lambda d: (d / "data" / "signs").mkdir(parents=True), ["train", "data"], "not a number"),
         (None, ["train", "--test-size", "1.5", "--synthetic-per-class", "2"], "test size"),
+        (None, ["train", "--steps-per-call", "0"], "'auto' or a whole number >= 1"),
+        (None, ["train", "--platform", "tpu"], "JAX finds no TPU here"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, make, args, message):
