@@ -9,8 +9,8 @@ before anything else touches JAX (or export XLA_FLAGS=--xla_gpu_deterministic_op
 import math
 import os
 
-import jax
-
+# JAX is imported inside the functions: the CLI reads the constants below for --help, which
+# stays fast without JAX.
 PLATFORMS = ("cpu", "gpu", "tpu")
 PRECISIONS = ("default", "high", "highest")
 # XLA:GPU runs some reductions with atomics and autotunes kernels by timing them, so two runs
@@ -52,6 +52,8 @@ def use_deterministic_ops(on: bool = True) -> None:
 
 def resolve_platform(platform: str | None) -> str:
     """'cpu', 'gpu' or 'tpu': the given one, or the default backend's."""
+    import jax
+
     if platform is None:
         return jax.default_backend()
     if platform not in PLATFORMS:
@@ -61,6 +63,8 @@ def resolve_platform(platform: str | None) -> str:
 
 def devices(platform: str | None = None) -> list:
     """The local devices of a platform (the default backend's when None)."""
+    import jax
+
     platform = resolve_platform(platform)
     try:
         return jax.devices(platform)

@@ -26,14 +26,11 @@ class CheckpointError(ValueError):
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
-    """{'params/conv1/kernel': array, ...}: plain string keys survive any orbax round trip."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = "/".join(
-            str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path
-        )
-        flat[key] = np.asarray(leaf)
-    return flat
+    """{'params/conv1/kernel/value': array, ...}: plain string keys survive any orbax round trip."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def unflatten(template, flat: dict[str, np.ndarray], where: str = "checkpoint"):
@@ -67,9 +64,13 @@ class Checkpoints:
     def __init__(self, workdir: Path | str, keep_latest: int = 2, read_only: bool = False):
         # Orbax needs absolute paths, whatever the user typed.
         self.directory = Path(workdir).resolve() / "checkpoints"
+        self.keep_latest, self.read_only = keep_latest, read_only
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
         policy = policies.AnyPreservationPolicy(
             [
-                policies.LatestN(keep_latest),
+                policies.LatestN(self.keep_latest),
                 # Mid-epoch saves carry no test accuracy; only LatestN keeps those.
                 policies.BestN(
                     get_metric_fn=lambda m: m["test_accuracy"],
@@ -83,9 +84,9 @@ class Checkpoints:
             # Saves are small (a few MB) and synchronous, so an exit can never lose one.
             enable_async_checkpointing=False,
             # Reading must not create folders; orbax's read_only mode only adds log noise.
-            create=not read_only,
+            create=not self.read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -151,7 +152,7 @@ class Checkpoints:
         """Deletes every checkpoint of the run (for --restart)."""
         self.manager.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-        self.__init__(self.directory.parent)
+        self.manager = self._open()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

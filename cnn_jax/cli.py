@@ -13,6 +13,7 @@ from cnn_jax import backend
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.report import test_line
+from cnn_jax.sources import load_configured
 
 
 def _steps_per_call(text: str) -> int | str:
@@ -198,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
 def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> data_lib.Dataset:
     """The configured data folder, or the built-in synthetic signs when there is none."""
     t0 = time.perf_counter()
-    ds = data_lib.load_configured(cfg, cache_dir, use_cache)
+    ds = load_configured(cfg, cache_dir, use_cache)
     source = cfg.data or "built-in synthetic signs"
     if verbose:
         print(

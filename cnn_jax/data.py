@@ -188,6 +188,12 @@ def _decode_chunk(files: list[Path], image_size: int) -> list[np.ndarray | str]:
     return [_try_decode(f, image_size) for f in files]
 
 
+# Each spawned worker costs a process start and an import of the package: worth it from a few
+# thousand files; chunks of 1000 small PPMs keep every worker busy and each reply small.
+_PARALLEL_FROM = 4000
+_CHUNK = 1000
+
+
 def decode_files(files: list[Path], image_size: int, workers: int | None = None):
     """Decodes files, in worker processes when there are many.
 
@@ -198,10 +204,10 @@ def decode_files(files: list[Path], image_size: int, workers: int | None = None)
     Returns (images, kept_indices, skipped) where skipped lists (file, reason).
     """
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(files) < 4000:
+    if workers == 1 or len(files) < _PARALLEL_FROM:
         results = _decode_chunk(files, image_size)
     else:
-        chunks = [files[i : i + 1000] for i in range(0, len(files), 1000)]
+        chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             parts = pool.map(_decode_chunk, chunks, [image_size] * len(chunks))
@@ -350,21 +356,6 @@ def load_folder(
     if cache_path is not None:
         _write_cache(cache_path, ds)
     return ds
-
-
-def load_configured(cfg, cache_dir=None, use_cache: bool = True) -> Dataset:
-    """A run config's data: its folder, or the built-in synthetic signs when it names none."""
-    if cfg.data is None:
-        from cnn_jax.synthetic import make_synthetic  # synthetic imports this module
-
-        return make_synthetic(cfg.synthetic_per_class, cfg.image_size, cfg.num_classes or 43)
-    return load_folder(
-        cfg.data,
-        layout=cfg.layout,
-        image_size=cfg.image_size,
-        cache_dir=cache_dir,
-        use_cache=use_cache,
-    )
 
 
 # --- splits and scaling --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from cnn_jax.checkpoint import locate
 from cnn_jax.config import Config
 from cnn_jax.models import count_params
 from cnn_jax.signs import sign_name
-from cnn_jax.train import Trainer, create_trainer, evaluate
+from cnn_jax.sources import load_configured
+from cnn_jax.steps import Trainer, create_trainer, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def evaluate_checkpoint(
             "data of its own: give a data folder to evaluate on"
         )
     if data_dir is None:
-        ds = data_lib.load_configured(cfg, cache_dir)
+        ds = load_configured(cfg, cache_dir)
         _, idx = data_lib.split_indices(ds.labels, cfg.test_size, cfg.seed, cfg.split, ds.paths)
         source = f"the test split of {cfg.data or 'the synthetic signs'}"
     else:

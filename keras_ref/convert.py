@@ -14,7 +14,7 @@ from flax import nnx
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.config import Config
 from cnn_jax.inference import load_checkpoint
-from cnn_jax.train import create_trainer
+from cnn_jax.steps import create_trainer
 from keras_ref.models import create_model
 
 # What must match, per layer type, for a Keras layer to be the tutorial's. Dropout's rate and

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from cnn_jax.config import Config
-from cnn_jax.train import create_trainer
+from cnn_jax.steps import create_trainer
 from keras_ref.convert import keras_weights, set_keras_weights
 from keras_ref.models import create_model, logits_model
 

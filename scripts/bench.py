@@ -32,8 +32,9 @@ import numpy as np
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
+from cnn_jax.loop import train_epoch
+from cnn_jax.steps import create_trainer, evaluate
 from cnn_jax.synthetic import make_synthetic
-from cnn_jax.train import create_trainer, evaluate, train_epoch
 from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 

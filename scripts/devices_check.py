@@ -15,8 +15,8 @@ jax.config.update("jax_num_cpu_devices", 8)  # before JAX starts its CPU client
 
 import numpy as np  # noqa: E402
 
-from cnn_jax import train  # noqa: E402
 from cnn_jax.config import Config  # noqa: E402
+from cnn_jax.steps import create_trainer  # noqa: E402
 from cnn_jax.synthetic import make_synthetic  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def weights_after(devices: int, steps: int, dropout: float, n: int = 256):
     """Params after `steps` steps over the first n synthetic images (tests' `tiny` set)."""
     ds = make_synthetic(n_per_class=10, seed=0)
     cfg = Config(devices=devices, dropout=dropout, platform="cpu")
-    trainer, state = train.create_trainer(cfg, 43)
+    trainer, state = create_trainer(cfg, 43)
     order = np.arange(n, dtype=np.int32)
     images, labels, order = trainer.place((ds.images[:n], ds.labels[:n], order))
     batches = n // trainer.batch_size

@@ -18,7 +18,8 @@ from flax import nnx
 
 from cnn_jax import models, ops
 from cnn_jax.config import Config
-from cnn_jax.train import create_trainer, train_epoch
+from cnn_jax.loop import train_epoch
+from cnn_jax.steps import create_trainer
 
 VARIANTS = {
     "as shipped": {},

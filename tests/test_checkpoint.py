@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import start_cli
 
-from cnn_jax import checkpoint, train
+from cnn_jax import checkpoint, steps, train
 from cnn_jax.checkpoint import CheckpointError, Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config as _Config
@@ -112,8 +112,7 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes(small, reference, tmp_
     digest, _, _ = reference
     with pytest.raises(train.Interrupted):
         train.fit(CFG, small, tmp_path, verbose=False, save_every=4, should_stop=_stop_at(10))
-    steps = Checkpoints(tmp_path).steps()
-    assert steps == [8, 10]
+    assert Checkpoints(tmp_path).steps() == [8, 10]
     victim = _largest_file(tmp_path / "checkpoints" / "10" / "state")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="checkpoint step 10 .* corrupt"):
@@ -132,7 +131,7 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes(small, reference, tmp_
 def test_flipped_bytes_and_missing_items_are_detected(small, tmp_path):
     train.fit(Config(epochs=1, synthetic_per_class=20), small, tmp_path, verbose=False)
     store = Checkpoints(tmp_path)
-    _, template = train.create_trainer(CFG, 43)
+    _, template = steps.create_trainer(CFG, 43)
     meta_file = tmp_path / "checkpoints" / "17" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(dict(meta, params_sha256="0" * 64)))

@@ -17,7 +17,7 @@ import optax
 import pytest
 from conftest import start_cli
 
-from cnn_jax import backend, checkpoint, ops, parallel, train
+from cnn_jax import backend, checkpoint, ops, parallel, steps, train
 from cnn_jax.config import Config
 from cnn_jax.synthetic import make_synthetic
 
@@ -61,7 +61,7 @@ def _one_sgd_step(platform, precision):
     ran one and the CPU the other); on noise, 6e-7.
     """
     cfg = Config(platform=platform, precision=precision, devices=1, dropout=0.0, conv="lax")
-    trainer, state = train.create_trainer(cfg, 43)
+    trainer, state = steps.create_trainer(cfg, 43)
     trainer = dataclasses.replace(trainer, tx=optax.sgd(1.0))
     state = trainer.place(trainer.init_state(state.params))
     rng = np.random.default_rng(3)
@@ -122,8 +122,8 @@ def test_sigkill_and_resume_on_the_accelerator_is_bit_identical(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
-    assert steps[-1] < 6 * 17, "the run ended before it was killed"
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    assert saved[-1] < 6 * 17, "the run ended before it was killed"
     _run(*TRAIN, "--workdir", str(workdir), cwd=tmp_path)
     last = f"checkpoints/{6 * 17}"
     assert (
@@ -151,6 +151,6 @@ def test_devices_are_counted_on_the_accelerator():
     name = accelerators[0].platform.upper()
     with pytest.raises(ValueError, match=f"this machine has {len(accelerators)} {name}"):
         parallel.create_mesh(len(accelerators) + 1)
-    trainer, state = train.create_trainer(Config(**SMALL), 43)
+    trainer, state = steps.create_trainer(Config(**SMALL), 43)
     assert state.params["conv1"]["kernel"][...].devices() == {accelerators[0]}
     assert trainer.platform != "cpu" and jnp.asarray(0).devices() == {accelerators[0]}

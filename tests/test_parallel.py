@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import train
+from cnn_jax import steps, train
 from cnn_jax.config import Config as _Config
 
 # CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
@@ -19,15 +19,15 @@ def test_there_are_8_cpu_devices():
     assert len(jax.devices("cpu")) == 8
 
 
-def _steps(tiny, devices, steps, dropout, tx=None):
-    """(params before, params after) `steps` steps on the first 256 tiny images."""
-    trainer, state = train.create_trainer(Config(devices=devices, dropout=dropout), 43)
+def _steps(tiny, devices, count, dropout, tx=None):
+    """(params before, params after, state) after `count` steps on the first 256 tiny images."""
+    trainer, state = steps.create_trainer(Config(devices=devices, dropout=dropout), 43)
     if tx is not None:
         trainer = dataclasses.replace(trainer, tx=tx)
         state = trainer.place(trainer.init_state(state.params))
     before = [np.asarray(p) for p in jax.tree.leaves(state.params)]
     images, labels, order = trainer.place((tiny.images[:256], tiny.labels[:256], np.arange(256)))
-    for i in range(steps):
+    for i in range(count):
         state = trainer.train_step(state, images, labels, order, 256, i, 0)
     if devices > 1:
         assert state.params["conv1"]["kernel"][...].sharding.num_devices == devices
@@ -72,27 +72,27 @@ def test_8_devices_train_like_1_device_over_several_steps(tiny, dropout):
 
 def test_calls_on_several_cpu_devices_return_finished(tiny):
     """Queued multi-device CPU calls could deadlock in XLA's all-reduce (Trainer._compiled)."""
-    trainer, state = train.create_trainer(Config(devices=8), 43)
+    trainer, state = steps.create_trainer(Config(devices=8), 43)
     images, labels, order = trainer.place((tiny.images[:64], tiny.labels[:64], np.arange(64)))
     state = trainer.train_step(state, images, labels, order, 64, 0, 0)
     assert state.metrics.is_ready() and state.params["conv1"]["bias"][...].is_ready()
-    eval_order = trainer.place(train._padded(np.arange(64), trainer.eval_batch))
+    eval_order = trainer.place(steps.padded_order(np.arange(64), trainer.eval_batch))
     sums, _ = trainer.eval_step(state.params, images, labels, eval_order, 64, 0)
     assert sums.is_ready()
 
 
 def test_batches_that_do_not_divide_are_errors():
     with pytest.raises(ValueError, match="batch size 32 does not divide over 3 devices"):
-        train.create_trainer(Config(devices=3), 43)
+        steps.create_trainer(Config(devices=3), 43)
     with pytest.raises(ValueError, match="--devices 9: this machine has 8"):
-        train.create_trainer(Config(devices=9), 43)
+        steps.create_trainer(Config(devices=9), 43)
 
 
 def test_evaluation_on_8_devices_counts_every_image(tiny):
-    trainer, state = train.create_trainer(Config(devices=8), 43)
-    ev = train.evaluate(trainer, state.params, tiny.images[:333], tiny.labels[:333])
-    ref_trainer, ref_state = train.create_trainer(Config(devices=1), 43)
-    ref = train.evaluate(ref_trainer, ref_state.params, tiny.images[:333], tiny.labels[:333])
+    trainer, state = steps.create_trainer(Config(devices=8), 43)
+    ev = steps.evaluate(trainer, state.params, tiny.images[:333], tiny.labels[:333])
+    ref_trainer, ref_state = steps.create_trainer(Config(devices=1), 43)
+    ref = steps.evaluate(ref_trainer, ref_state.params, tiny.images[:333], tiny.labels[:333])
     assert ev["n"] == 333 and trainer.eval_batch % 8 == 0
     assert ev["accuracy"] == ref["accuracy"]
     assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-5)

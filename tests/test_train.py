@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import train
+from cnn_jax import steps, train
 from cnn_jax.config import Config as _Config
 
 # CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
@@ -20,18 +20,18 @@ def _leaves(state):
 
 
 def test_no_retracing_across_steps_and_epochs(tiny, tmp_path):
-    before = dict(train.TRACE_COUNTS)
+    before = dict(steps.TRACE_COUNTS)
     cfg = Config(epochs=3, batch_size=32, eval_every_epoch=True)
     train.fit(cfg, tiny, verbose=False)  # 258 train images: 9 steps per epoch, the last partial
-    assert train.TRACE_COUNTS["train_step"] - before["train_step"] == 1
-    assert train.TRACE_COUNTS["eval_step"] - before["eval_step"] == 1
+    assert steps.TRACE_COUNTS["train_step"] - before["train_step"] == 1
+    assert steps.TRACE_COUNTS["eval_step"] - before["eval_step"] == 1
 
 
 def test_scanned_steps_equal_single_steps_and_trace_once(tiny):
-    before = dict(train.TRACE_COUNTS)
+    before = dict(steps.TRACE_COUNTS)
     one, m1 = train.fit(Config(epochs=2, devices=1), tiny, verbose=False)
     many, m7 = train.fit(Config(epochs=2, devices=1, steps_per_call=7), tiny, verbose=False)
-    assert train.TRACE_COUNTS["train_step"] - before["train_step"] == 2  # once per Trainer
+    assert steps.TRACE_COUNTS["train_step"] - before["train_step"] == 2  # once per Trainer
     for x, y in zip(_leaves(one), _leaves(many)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert m1["test_accuracy"] == pytest.approx(m7["test_accuracy"], abs=1 / m1["n_test"])
@@ -56,15 +56,15 @@ def test_same_seed_gives_bit_identical_parameters(tiny):
 
 def test_padded_last_batch_equals_a_plain_smaller_batch():
     cfg = Config(model=2, batch_size=8, devices=1)
-    trainer, state = train.create_trainer(cfg, 43)
-    _, state_small = train.create_trainer(Config(model=2, batch_size=5, devices=1), 43)
+    trainer, state = steps.create_trainer(cfg, 43)
+    _, state_small = steps.create_trainer(Config(model=2, batch_size=5, devices=1), 43)
     small = dataclasses.replace(trainer, batch_size=5)
     rng = np.random.default_rng(0)
     images, labels, order, plain_order = trainer.place(
         (
             rng.integers(0, 256, (5, 30, 30, 3), np.uint8),
             rng.integers(0, 43, 5).astype(np.int32),
-            train._padded(np.arange(5), 8),
+            steps.padded_order(np.arange(5), 8),
             np.arange(5, dtype=np.int32),
         )
     )
@@ -101,11 +101,11 @@ def test_fit_writes_config_and_metrics(tiny, tmp_path, model):
 
 
 def test_evaluate_counts_every_image(tiny):
-    trainer, state = train.create_trainer(Config(), 43)
+    trainer, state = steps.create_trainer(Config(), 43)
     n = 1234  # not a multiple of the evaluation batch
     images = np.resize(tiny.images, (n, 30, 30, 3))
     labels = np.resize(tiny.labels, n)
-    ev = train.evaluate(trainer, state.params, images, labels)
+    ev = steps.evaluate(trainer, state.params, images, labels)
     logits = np.asarray(trainer.apply(state.params, trainer.place(images), inference=True))
     assert ev["n"] == n
     assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)

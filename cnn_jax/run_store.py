@@ -1,0 +1,127 @@
+"""A run folder's checkpoints as training sees them: resume or start, save, and what a resume
+must keep (the settings that decide the result, and the data)."""
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cnn_jax import data as data_lib
+from cnn_jax.config import Config
+
+# Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
+RESUME_KEYS = (
+    "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
+    "batch_size", "learning_rate", "optimizer", "dropout", "dtype", "precision", "seed",
+    "synthetic_per_class",
+)  # fmt: skip
+
+
+# How a user names a setting on the command line, where it is not --field-name.
+_FLAG_NAMES = {"learning_rate": "--lr", "data": "the data argument"}
+
+
+def check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path) -> None:
+    for key in RESUME_KEYS:
+        if saved["config"].get(key) != getattr(config, key):
+            flag = _FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
+            raise ValueError(
+                f"{flag} is {getattr(config, key)!r} but the run in "
+                f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
+                "or --restart / another --workdir to start over"
+            )
+    if saved.get("data_fingerprint") != fingerprint:
+        raise ValueError(
+            f"the data differs from the run in {workdir} (other files or labels): resume with "
+            "the same data, or --restart / another --workdir to start over"
+        )
+
+
+def data_fingerprint(dataset: data_lib.Dataset) -> str:
+    """SHA-256 of the file names, labels and pixels, to refuse resuming on other data."""
+    h = hashlib.sha256("\n".join(map(str, dataset.paths)).encode())
+    h.update(np.ascontiguousarray(dataset.labels, np.int32).tobytes())
+    h.update(np.ascontiguousarray(dataset.images).tobytes())
+    return h.hexdigest()
+
+
+class Position(NamedTuple):
+    """Where a run stands: epochs finished, and steps done in the next one."""
+
+    epoch: int
+    step_in_epoch: int
+
+
+class Resumed(NamedTuple):
+    state: Any  # host arrays: place them on any device count
+    position: Position
+    epochs: list  # the per-epoch records so far
+
+
+class RunStore:
+    """The checkpoints of one run folder, each with the meta a resume needs.
+
+    A checkpoint holds the state and, as JSON, the config, the position, the epoch records so
+    far and the data's fingerprint; the step is the global step, epoch * steps per epoch + step
+    in the epoch.
+    """
+
+    def __init__(self, workdir, config: Config, num_classes: int, fingerprint: str):
+        from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
+
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = Checkpoints(self.workdir)
+        self.config, self.num_classes, self.fingerprint = config, num_classes, fingerprint
+
+    @property
+    def directory(self) -> Path:
+        return self.checkpoints.directory
+
+    def resume(self, template, restart: bool, fallback: bool, say) -> Resumed | None:
+        """The latest checkpoint (None for a new run; --restart deletes them first)."""
+        if restart:
+            self.checkpoints.clear()
+        if not self.checkpoints.steps():
+            return None
+        check = lambda meta: check_resumable(meta, self.config, self.fingerprint, self.workdir)  # noqa: E731
+        state, meta = restore_latest(self.checkpoints, template, fallback, say, check)
+        return Resumed(state, Position(meta["epoch"], meta["step_in_epoch"]), meta["epochs"])
+
+    def save(self, step: int, position: Position, state, epochs, test_accuracy=None) -> None:
+        meta = {
+            "config": dataclasses.asdict(self.config),
+            "num_classes": self.num_classes,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "epochs": epochs,
+            "data_fingerprint": self.fingerprint,
+        }
+        self.checkpoints.save(step, state, meta, test_accuracy)
+
+    def has(self, step: int) -> bool:
+        return step in self.checkpoints.steps()
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+
+def restore_latest(store, template, fallback: bool, say, check):
+    """The newest checkpoint; with `fallback`, the newest intact one when newer ones are corrupt.
+
+    `check(meta)` runs before the arrays are read, so a changed setting is named as such.
+    """
+    from cnn_jax.checkpoint import CheckpointError
+
+    for step in reversed(store.steps()):
+        try:
+            check(store.read_meta(step))
+            return store.restore(step, template)
+        except CheckpointError as e:
+            if not fallback:
+                msg = f"{e}; --resume-fallback resumes from the newest intact one"
+                raise CheckpointError(msg) from None
+            say(f"warning: {e}; trying an older checkpoint")
+    raise CheckpointError(f"no intact checkpoint in {store.directory}; use --restart")
