@@ -25,24 +25,33 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the run."""
 
 
-def flatten(tree) -> dict[str, np.ndarray]:
-    """{'params/conv1/kernel/value': array, ...}: plain string keys survive any orbax round trip."""
+def _leaves(tree) -> dict:
+    """{'params/conv1/kernel/value': leaf, ...}: plain string keys survive any orbax round trip."""
     return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
 
+def flatten(tree) -> dict[str, np.ndarray]:
+    """The tree's arrays on the host, by `_leaves`' keys."""
+    return {key: np.asarray(leaf) for key, leaf in _leaves(tree).items()}
+
+
 def unflatten(template, flat: dict[str, np.ndarray], where: str = "checkpoint"):
-    """Fills `template`'s structure from `flat`, checking every key, shape and dtype."""
-    expected = flatten(template)
+    """Fills `template`'s structure from `flat`, checking every key, shape and dtype.
+
+    The template's leaves need only shapes and dtypes (jax.ShapeDtypeStruct will do).
+    """
+    expected = _leaves(template)
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise CheckpointError(f"{where} lacks {missing[0]} ({len(missing)} arrays missing)")
     for key, ref in expected.items():
         got = flat[key]
         if got.shape != ref.shape or got.dtype != ref.dtype:
-            got_s, ref_s = f"{got.dtype}{list(got.shape)}", f"{ref.dtype}{list(ref.shape)}"
+            got_s = f"{got.dtype}{list(got.shape)}"
+            ref_s = f"{np.dtype(ref.dtype)}{list(ref.shape)}"
             raise CheckpointError(f"{where}: {key} is {got_s}, expected {ref_s}")
     leaves = [flat[k] for k in expected]
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
@@ -122,7 +131,7 @@ class Checkpoints:
     def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
         """The state at `step`, shaped like `template`, with its meta; verified by digest."""
         meta = self.read_meta(step)
-        target = {k: np.zeros(v.shape, v.dtype) for k, v in flatten(template).items()}
+        target = {k: np.zeros(v.shape, v.dtype) for k, v in _leaves(template).items()}
         try:
             restored = self.manager.restore(
                 step,

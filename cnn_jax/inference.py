@@ -10,30 +10,27 @@ from cnn_jax import data as data_lib
 from cnn_jax.checkpoint import locate
 from cnn_jax.config import Config
 from cnn_jax.models import count_params
+from cnn_jax.predictor import Predictor, evaluate
 from cnn_jax.signs import sign_name
 from cnn_jax.sources import load_configured
-from cnn_jax.steps import Trainer, create_trainer, evaluate
+from cnn_jax.steps import abstract_state
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-    """A checkpoint ready for inference."""
+    """A checkpoint ready for inference: the network and its parameters, no optimizer."""
 
     config: Config
-    trainer: Trainer
-    state: Any
+    predictor: Predictor
+    params: Any  # on the predictor's devices
     meta: dict[str, Any]
     step: int
     directory: Path
 
-    @property
-    def params(self):
-        return self.state.params
-
     def param_count(self) -> int:
         from flax import nnx
 
-        return count_params(nnx.merge(self.trainer.graphdef, self.params))
+        return count_params(nnx.merge(self.predictor.graphdef, self.params))
 
 
 def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
@@ -45,10 +42,11 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
     # Restored onto this machine's devices, whatever the run trained on (a GPU, 8 devices).
     local = dataclasses.replace(config, platform=platform, devices=None)
-    trainer, template = create_trainer(local, meta["num_classes"])
+    predictor, template = abstract_state(local, meta["num_classes"])
     state, meta = store.restore(step, template)
     store.close()
-    return Restored(config, trainer, state, meta, step, store.directory / str(step))
+    params = predictor.place(state.params)  # the optimizer's arrays are dropped here
+    return Restored(config, predictor, params, meta, step, store.directory / str(step))
 
 
 def evaluate_checkpoint(
@@ -76,7 +74,7 @@ def evaluate_checkpoint(
             f"the data has class ids up to {ds.num_classes - 1}; the model knows "
             f"{restored.meta['num_classes']} classes"
         )
-    ev = evaluate(restored.trainer, restored.params, ds.images[idx], ds.labels[idx])
+    ev = evaluate(restored.predictor, restored.params, ds.images[idx], ds.labels[idx])
     ev.pop("predictions")
     return {
         "checkpoint": str(restored.directory),
@@ -103,7 +101,7 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
         except (OSError, ValueError) as e:
             results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}"))
     if images:
-        probs = np.asarray(restored.trainer.probabilities(restored.params, np.stack(images)))
+        probs = np.asarray(restored.predictor.probabilities(restored.params, np.stack(images)))
         for row, i in zip(probs, ok):
             top = np.argsort(-row, kind="stable")[:top_k]
             results[i] = (paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top])

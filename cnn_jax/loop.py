@@ -4,7 +4,8 @@ import time
 
 import numpy as np
 
-from cnn_jax.steps import Trainer, ceil_div, padded_order
+from cnn_jax.predictor import ceil_div, padded_order
+from cnn_jax.steps import Trainer
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

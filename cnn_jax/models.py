@@ -165,13 +165,13 @@ def create_model(
     model: int,
     image_size: int = 30,
     num_classes: int = 43,
-    seed: int = 0,
+    seed: int | jax.Array = 0,
     dropout: float = 0.5,
     conv: str = "auto",
     dtype: str = "float32",
     platform: str | None = None,
 ):
-    """Builds Model 1 or 2 with weights drawn from `seed`.
+    """Builds Model 1 or 2 with weights drawn from `seed` (an int or a PRNG key).
 
     dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or

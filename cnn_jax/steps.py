@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -21,17 +20,22 @@ from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.models import create_model
 from cnn_jax.optim import create_optimizer
+from cnn_jax.predictor import TRACE_COUNTS, Predictor, batch_of, compile_fn
+
+# The seed's independent random streams, as big_vision splits its seed: the initial weights,
+# dropout, and a slot for data augmentation. One key drawn from the seed would give the k-th
+# initialisation key and step k's dropout key the same value (both fold k into it).
+STREAMS = ("init", "dropout", "augment")
 
 
-def ceil_div(a: int, b: int) -> int:
-    """Batches of b needed for a items, the last one partial."""
-    return -(-a // b)
+def stream_key(seed, name: str) -> jax.Array:
+    """The key of one of the seed's STREAMS (works on traced seeds too)."""
+    return jax.random.split(jax.random.key(seed), len(STREAMS))[STREAMS.index(name)]
 
 
-# Smaller batches ran faster than 1000 on a 2-core CPU (cache-sized activations).
-EVAL_BATCH = 256
-# How often each compiled function has been traced; tests read it to prove there is no retracing.
-TRACE_COUNTS = {"train_step": 0, "eval_step": 0}
+def dropout_key(seed, step) -> jax.Array:
+    """Step `step`'s dropout key: from the seed and the global step, so a resume needs no state."""
+    return jax.random.fold_in(stream_key(seed, "dropout"), step)
 
 
 class TrainState(NamedTuple):
@@ -45,22 +49,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> j
     """Weighted mean categorical cross-entropy on logits (Keras: softmax + crossentropy)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _batch(order: jax.Array, i: jax.Array, batch_size: int, n: int):
-    """Indices of batch i of a padded order, and 1/0 weights that mask the padding.
-
-    The last batch of an epoch is partial (Keras trains on it too); padding it keeps one
-    compiled shape for every step.
-    """
-    idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-    weights = (i * batch_size + jnp.arange(batch_size) < n).astype(jnp.float32)
-    return idx, weights
-
-
-def padded_order(order: np.ndarray, batch_size: int) -> np.ndarray:
-    pad = -len(order) % batch_size
-    return np.concatenate([order, np.zeros(pad, order.dtype)]).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +69,21 @@ class Trainer:
     def platform(self) -> str:
         return self.mesh.devices.flat[0].platform
 
-    @property
-    def eval_batch(self) -> int:
-        """EVAL_BATCH rounded up to a multiple of the device count."""
-        return ceil_div(EVAL_BATCH, self.mesh.size) * self.mesh.size
+    @functools.cached_property
+    def predictor(self) -> Predictor:
+        """The same network for inference and evaluation (it may use another convolution)."""
+        return Predictor(
+            self.infer_graphdef or self.graphdef, self.pixels, self.mesh, self.precision
+        )
 
     def place(self, tree):
         """Copies arrays (a state, a data set) onto every device of the mesh."""
-        return jax.device_put(tree, parallel.replicated(self.mesh))
+        return self.predictor.place(tree)
 
-    def _shard(self, *arrays):
-        # Each device computes its slice of the batch; XLA sums the gradients across devices.
-        return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
-
-    def apply(self, params, images, dropout_key=None, *, inference: bool = False):
-        """Float32 logits of uint8 images (bf16 models compute in bf16; the loss does not)."""
+    def apply(self, params, images, dropout_key=None):
+        """Float32 training logits of uint8 images (bf16 models compute in bf16, the loss not)."""
         x = data_lib.scale_pixels(images, self.pixels)
-        graphdef = self.infer_graphdef if inference and self.infer_graphdef else self.graphdef
-        logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
+        logits = nnx.merge(self.graphdef, params)(x, dropout_key=dropout_key)
         return logits.astype(jnp.float32)
 
     def init_state(self, params) -> TrainState:
@@ -106,28 +91,8 @@ class Trainer:
             params, self.tx.init(params), jnp.zeros([], jnp.int32), jnp.zeros(3, jnp.float32)
         )
 
-    def _jit(self, fn, **jit_options):
-        """jax.jit of `fn`, traced under the configured matmul precision.
-
-        The precision is written into each product when traced, so the gradient's products
-        carry it too.
-        """
-
-        @functools.wraps(fn)
-        def traced(*args):
-            with jax.default_matmul_precision(self.precision):
-                return fn(*args)
-
-        return jax.jit(traced if self.precision else fn, **jit_options)
-
     def _compiled(self, fn, **jit_options):
-        compiled = self._jit(fn, **jit_options)
-        if self.mesh.size == 1 or self.platform != "cpu":
-            return compiled
-        # Several CPU devices share one thread pool: with a few multi-device calls queued,
-        # an all-reduce could wait for device threads that never ran, and XLA aborted the
-        # process after 40 s (seen with 8 simulated devices on 2 cores). One call at a time.
-        return lambda *args: jax.block_until_ready(compiled(*args))
+        return compile_fn(fn, self.mesh, self.precision, **jit_options)
 
     @functools.cached_property
     def train_step(self):
@@ -158,16 +123,12 @@ class Trainer:
 
         return self._compiled(run, donate_argnums=0)
 
-    @functools.cached_property
-    def eval_step(self):
-        return self._compiled(self._eval_step)
-
-    def _train_step(self, state, images, labels, order, n, i, dropout_seed):
+    def _train_step(self, state, images, labels, order, n, i, seed):
         TRACE_COUNTS["train_step"] += 1
-        idx, weights = _batch(order, i, self.batch_size, n)
-        x, y, weights = self._shard(images[idx], labels[idx], weights)
-        # One key per step, from the seed and the global step: resuming needs no RNG state.
-        key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        idx, weights = batch_of(order, i, self.batch_size, n)
+        # Each device computes its slice of the batch; XLA sums the gradients across devices.
+        x, y, weights = self.predictor.shard(images[idx], labels[idx], weights)
+        key = dropout_key(seed, state.step)
 
         def loss_fn(params):
             logits = self.apply(params, x, key)
@@ -181,24 +142,30 @@ class Trainer:
         metrics = state.metrics + jnp.stack([loss * count, correct, count])
         return TrainState(params, opt_state, state.step + 1, metrics)
 
-    def _eval_step(self, params, images, labels, order, n, i):
-        TRACE_COUNTS["eval_step"] += 1
-        idx, weights = _batch(order, i, self.eval_batch, n)
-        x, y, weights = self._shard(images[idx], labels[idx], weights)
-        logits = self.apply(params, x, inference=True)
-        predictions = jnp.argmax(logits, -1)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        sums = jnp.stack(
-            [jnp.sum(losses * weights), jnp.sum((predictions == y) * weights), jnp.sum(weights)]
-        )
-        return sums, predictions
 
-    @functools.cached_property
-    def probabilities(self):
-        """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
-        return self._jit(
-            lambda params, images: jax.nn.softmax(self.apply(params, images, inference=True))
-        )
+def abstract_state(config: Config, num_classes: int) -> tuple[Predictor, TrainState]:
+    """The inference network for a config, and the shapes of its training state (a restore
+    template: nothing is initialised or allocated)."""
+    platform = backend.resolve_platform(config.platform)
+    mesh = parallel.create_mesh(config.devices, platform)
+    conv = "lax" if config.conv == "auto" else config.conv  # as Trainer.predictor's
+
+    def build():
+        return create_model(
+            config.model, config.image_size, num_classes, conv=conv, dtype=config.dtype,
+            platform=platform,
+        )  # fmt: skip
+
+    graphdef, params = nnx.split(nnx.eval_shape(build))
+    tx = create_optimizer(config.optimizer, config.learning_rate)
+    state = TrainState(
+        params,
+        jax.eval_shape(tx.init, params),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((3,), jnp.float32),
+    )
+    precision = backend.matmul_precision(config.precision)
+    return Predictor(graphdef, config.pixels, mesh, precision), state
 
 
 def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
@@ -215,7 +182,7 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
             config.model,
             config.image_size,
             num_classes,
-            seed=config.seed,
+            seed=stream_key(config.seed, "init"),
             dropout=config.dropout,
             conv=conv,
             dtype=config.dtype,
@@ -241,26 +208,3 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
         backend.matmul_precision(config.precision),
     )
     return trainer, trainer.place(trainer.init_state(params))
-
-
-def evaluate(trainer: Trainer, params, images, labels) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches."""
-    n = len(labels)
-    order, images, labels_dev = trainer.place(
-        (padded_order(np.arange(n), trainer.eval_batch), images, labels)
-    )
-    outputs = [
-        trainer.eval_step(params, images, labels_dev, order, n, i)
-        for i in range(ceil_div(n, trainer.eval_batch))
-    ]
-    loss, correct, count = np.sum([np.asarray(sums) for sums, _ in outputs], axis=0)
-    predictions = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
-    labels = np.asarray(labels)
-    per_class = {int(c): float(np.mean(predictions[labels == c] == c)) for c in np.unique(labels)}
-    return {
-        "loss": float(loss / count),
-        "accuracy": float(correct / count),
-        "n": int(count),
-        "per_class_accuracy": per_class,
-        "predictions": predictions,
-    }

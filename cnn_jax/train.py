@@ -19,9 +19,10 @@ from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.loop import Interrupted, epoch_order, train_epoch
 from cnn_jax.models import count_params
+from cnn_jax.predictor import ceil_div, evaluate
 from cnn_jax.report import Progress
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
-from cnn_jax.steps import Trainer, ceil_div, create_trainer, evaluate
+from cnn_jax.steps import Trainer, create_trainer
 
 
 def fit(
@@ -115,7 +116,7 @@ def fit(
             _interrupted(store, where, steps_per_epoch)
         record = _epoch_record(state, time.perf_counter() - t0)
         if config.eval_every_epoch or store is not None:
-            ev = evaluate(trainer, state.params, test_images, test_labels)
+            ev = evaluate(trainer.predictor, state.params, test_images, test_labels)
             record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         progress.close(record)
         metrics["epochs"].append(record)
@@ -126,7 +127,7 @@ def fit(
             )
         if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
             _interrupted(store, Position(epoch + 1, 0), steps_per_epoch)
-    ev = evaluate(trainer, state.params, test_images, test_labels)
+    ev = evaluate(trainer.predictor, state.params, test_images, test_labels)
     metrics.update(
         test_loss=ev["loss"],
         test_accuracy=ev["accuracy"],

@@ -33,7 +33,8 @@ import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.loop import train_epoch
-from cnn_jax.steps import create_trainer, evaluate
+from cnn_jax.predictor import evaluate
+from cnn_jax.steps import create_trainer
 from cnn_jax.synthetic import make_synthetic
 from keras_ref.models import create_model
 from keras_ref.train import StepTimer
@@ -63,12 +64,12 @@ def bench_inference(trainer, state, net, ds, test_idx, rounds=3):
     x_img, y = ds.images[test_idx], ds.labels[test_idx]
     x = data_lib.scale_pixels(x_img, "unit")
     y1 = keras.utils.to_categorical(y, 43)
-    evaluate(trainer, state.params, x_img, y)  # compile
+    evaluate(trainer.predictor, state.params, x_img, y)  # compile
     net.evaluate(x, y1, batch_size=1000, verbose=0)
     jax_s, keras_s = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        evaluate(trainer, state.params, x_img, y)
+        evaluate(trainer.predictor, state.params, x_img, y)
         jax_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         net.evaluate(x, y1, batch_size=1000, verbose=0)

@@ -68,7 +68,7 @@ def _one_sgd_step(platform, precision):
     noise = rng.integers(0, 256, (32, 30, 30, 3), np.uint8)
     labels = rng.integers(0, 43, 32).astype(np.int32)
     images, labels, order = trainer.place((noise, labels, np.arange(32)))
-    probs = np.asarray(trainer.probabilities(state.params, images))
+    probs = np.asarray(trainer.predictor.probabilities(state.params, images))
     before = [np.asarray(p) for p in jax.tree.leaves(state.params)]
     state = trainer.train_step(state, images, labels, order, 32, 0, 0)
     grads = [b - np.asarray(p) for b, p in zip(before, jax.tree.leaves(state.params))]

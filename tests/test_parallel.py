@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import steps, train
+from cnn_jax import predictor, steps, train
 from cnn_jax.config import Config as _Config
 
 # CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
@@ -76,8 +76,8 @@ def test_calls_on_several_cpu_devices_return_finished(tiny):
     images, labels, order = trainer.place((tiny.images[:64], tiny.labels[:64], np.arange(64)))
     state = trainer.train_step(state, images, labels, order, 64, 0, 0)
     assert state.metrics.is_ready() and state.params["conv1"]["bias"][...].is_ready()
-    eval_order = trainer.place(steps.padded_order(np.arange(64), trainer.eval_batch))
-    sums, _ = trainer.eval_step(state.params, images, labels, eval_order, 64, 0)
+    eval_order = trainer.place(predictor.padded_order(np.arange(64), trainer.predictor.eval_batch))
+    sums, _ = trainer.predictor.eval_step(state.params, images, labels, eval_order, 64, 0)
     assert sums.is_ready()
 
 
@@ -90,10 +90,12 @@ def test_batches_that_do_not_divide_are_errors():
 
 def test_evaluation_on_8_devices_counts_every_image(tiny):
     trainer, state = steps.create_trainer(Config(devices=8), 43)
-    ev = steps.evaluate(trainer, state.params, tiny.images[:333], tiny.labels[:333])
+    ev = predictor.evaluate(trainer.predictor, state.params, tiny.images[:333], tiny.labels[:333])
     ref_trainer, ref_state = steps.create_trainer(Config(devices=1), 43)
-    ref = steps.evaluate(ref_trainer, ref_state.params, tiny.images[:333], tiny.labels[:333])
-    assert ev["n"] == 333 and trainer.eval_batch % 8 == 0
+    ref = predictor.evaluate(
+        ref_trainer.predictor, ref_state.params, tiny.images[:333], tiny.labels[:333]
+    )
+    assert ev["n"] == 333 and trainer.predictor.eval_batch % 8 == 0
     assert ev["accuracy"] == ref["accuracy"]
     assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 

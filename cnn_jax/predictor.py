@@ -1,0 +1,141 @@
+"""A network ready for inference: its graph, the jitted forward pass and evaluation over a set.
+
+No optimizer and no training state: `cnn-jax evaluate` and `predict` use this alone, and the
+Trainer (steps.py) evaluates through one.
+"""
+
+import collections
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cnn_jax import data as data_lib
+from cnn_jax import parallel
+
+# Smaller batches ran faster than 1000 on a 2-core CPU (cache-sized activations).
+EVAL_BATCH = 256
+# How often each compiled function has been traced; tests read it to prove there is no retracing.
+TRACE_COUNTS = collections.Counter()
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Batches of b needed for a items, the last one partial."""
+    return -(-a // b)
+
+
+def padded_order(order: np.ndarray, batch_size: int) -> np.ndarray:
+    pad = -len(order) % batch_size
+    return np.concatenate([order, np.zeros(pad, order.dtype)]).astype(np.int32)
+
+
+def batch_of(order: jax.Array, i: jax.Array, batch_size: int, n: int):
+    """Indices of batch i of a padded order, and 1/0 weights that mask the padding.
+
+    The last batch of an epoch is partial (Keras trains on it too); padding it keeps one
+    compiled shape for every step.
+    """
+    idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+    weights = (i * batch_size + jnp.arange(batch_size) < n).astype(jnp.float32)
+    return idx, weights
+
+
+def compile_fn(fn, mesh, precision: str | None = None, **jit_options):
+    """jax.jit of `fn`, traced under the matmul precision (None: JAX's default).
+
+    The precision is written into each product when traced, so the gradient's products carry
+    it too. On several CPU devices each call is waited for (see below).
+    """
+    if precision:
+        inner = fn
+
+        @functools.wraps(inner)
+        def fn(*args):
+            with jax.default_matmul_precision(precision):
+                return inner(*args)
+
+    compiled = jax.jit(fn, **jit_options)
+    if mesh.size == 1 or mesh.devices.flat[0].platform != "cpu":
+        return compiled
+    # Several CPU devices share one thread pool: with a few multi-device calls queued,
+    # an all-reduce could wait for device threads that never ran, and XLA aborted the
+    # process after 40 s (seen with 8 simulated devices on 2 cores). One call at a time.
+    return lambda *args: jax.block_until_ready(compiled(*args))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """The inference network for one model and pixel scaling, on a device mesh."""
+
+    graphdef: Any
+    pixels: str
+    mesh: Any  # jax.sharding.Mesh with a 'data' axis
+    precision: str | None = None  # jax.default_matmul_precision while tracing; None: JAX's
+
+    @property
+    def eval_batch(self) -> int:
+        """EVAL_BATCH rounded up to a multiple of the device count."""
+        return ceil_div(EVAL_BATCH, self.mesh.size) * self.mesh.size
+
+    def place(self, tree):
+        """Copies arrays (parameters, a data set) onto every device of the mesh."""
+        return jax.device_put(tree, parallel.replicated(self.mesh))
+
+    def shard(self, *arrays):
+        # Each device computes its slice of the batch.
+        return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
+
+    def apply(self, params, images):
+        """Float32 logits of uint8 images, dropout off."""
+        x = data_lib.scale_pixels(images, self.pixels)
+        return nnx.merge(self.graphdef, params)(x).astype(jnp.float32)
+
+    @functools.cached_property
+    def eval_step(self):
+        return compile_fn(self._eval_step, self.mesh, self.precision)
+
+    def _eval_step(self, params, images, labels, order, n, i):
+        TRACE_COUNTS["eval_step"] += 1
+        idx, weights = batch_of(order, i, self.eval_batch, n)
+        x, y, weights = self.shard(images[idx], labels[idx], weights)
+        logits = self.apply(params, x)
+        predictions = jnp.argmax(logits, -1)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        sums = jnp.stack(
+            [jnp.sum(losses * weights), jnp.sum((predictions == y) * weights), jnp.sum(weights)]
+        )
+        return sums, predictions
+
+    @functools.cached_property
+    def probabilities(self):
+        """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
+        apply = lambda params, images: jax.nn.softmax(self.apply(params, images))  # noqa: E731
+        return compile_fn(apply, self.mesh, self.precision)
+
+
+def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches."""
+    n = len(labels)
+    order, images, labels_dev = predictor.place(
+        (padded_order(np.arange(n), predictor.eval_batch), images, labels)
+    )
+    outputs = [
+        predictor.eval_step(params, images, labels_dev, order, n, i)
+        for i in range(ceil_div(n, predictor.eval_batch))
+    ]
+    loss, correct, count = np.sum([np.asarray(sums) for sums, _ in outputs], axis=0)
+    predictions = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
+    labels = np.asarray(labels)
+    per_class = {int(c): float(np.mean(predictions[labels == c] == c)) for c in np.unique(labels)}
+    return {
+        "loss": float(loss / count),
+        "accuracy": float(correct / count),
+        "n": int(count),
+        "per_class_accuracy": per_class,
+        "predictions": predictions,
+    }
