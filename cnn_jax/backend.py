@@ -9,10 +9,9 @@ before anything else touches JAX (or export XLA_FLAGS=--xla_gpu_deterministic_op
 import math
 import os
 
-# JAX is imported inside the functions: the CLI reads the constants below for --help, which
-# stays fast without JAX.
-PLATFORMS = ("cpu", "gpu", "tpu")
-PRECISIONS = ("default", "high", "highest")
+# JAX is imported inside the functions, so that `cnn-jax --help` stays fast without it.
+from cnn_jax.config import PLATFORMS, PRECISIONS
+
 # XLA:GPU runs some reductions with atomics and autotunes kernels by timing them, so two runs
 # can round differently; this flag excludes both (measured on an H100: +15-35% per step).
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"

@@ -1,6 +1,7 @@
 """The `cnn-jax` command: parses arguments, calls one library function per command, prints."""
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from cnn_jax import backend
+from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.report import test_line
@@ -26,6 +28,31 @@ def _steps_per_call(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1, not {text!r}")
     return value
+
+
+def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """The option for one Config field, from its metadata (help, choices, flag name)."""
+    meta, default = field.metadata, field.default
+    if meta["flag"] == "":  # the positional data argument
+        parser.add_argument(field.name, nargs="?", help=meta["help"])
+        return
+    name = config_lib.flag(field.name)
+    if default is True:
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(name, dest=field.name, action=action, default=True, help=meta["help"])
+    elif default is False:
+        parser.add_argument(name, dest=field.name, action="store_true", help=meta["help"])
+    else:
+        kind = _steps_per_call if field.name == "steps_per_call" else config_lib.kind(field)
+        parser.add_argument(
+            name,
+            dest=field.name,
+            type=kind,
+            choices=meta["choices"],
+            default=default,
+            metavar=None if meta["choices"] else name.lstrip("-").replace("-", "_").upper(),
+            help=meta["help"],
+        )
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,95 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     t = command("train", "train Model 1 or 2 on a GTSRB folder, a packed .npz or synthetic signs")
-    t.add_argument(
-        "data",
-        nargs="?",
-        help="data folder (CS50 or official GTSRB layout) or .npz from `cnn-jax pack`; "
-        "none: the built-in synthetic signs",
-    )
-    d = Config()
-    t.add_argument("--model", type=int, choices=(1, 2), default=d.model, help="which network")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    t.add_argument("--lr", type=float, default=d.learning_rate, help="Adam learning rate")
-    t.add_argument(
-        "--optimizer",
-        choices=("keras-adam", "adam"),
-        default=d.optimizer,
-        help="keras-adam: Keras' formula (epsilon on the uncorrected root); adam: optax's",
-    )
-    t.add_argument(
-        "--seed", type=int, default=d.seed, help="split, weights, batch order and dropout"
-    )
-    t.add_argument(
-        "--pixels",
-        choices=data_lib.PIXELS,
-        default=d.pixels,
-        help="unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck)",
-    )
-    t.add_argument("--test-size", type=float, default=d.test_size, help="fraction held out")
-    t.add_argument(
-        "--split",
-        choices=data_lib.SPLITS,
-        default=d.split,
-        help="random (the tutorial's; near-copies leak) or track (whole tracks on one side)",
-    )
-    t.add_argument(
-        "--layout", choices=data_lib.LAYOUTS, default=d.layout, help="how the folder is laid out"
-    )
-    t.add_argument("--image-size", type=int, default=d.image_size, help="resize to N x N")
-    t.add_argument(
-        "--num-classes", type=int, default=d.num_classes, help="output classes; none: the data's"
-    )
-    t.add_argument("--eval-every-epoch", action="store_true", help="also test after every epoch")
-    t.add_argument(
-        "--conv",
-        choices=("auto", "lax", "matmul"),
-        default=d.conv,
-        help="convolution formulation, same values: auto is matmul on CPU, lax elsewhere",
-    )
-    t.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=d.dtype,
-        help="compute type (parameters stay float32)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=backend.PRECISIONS,
-        default=d.precision,
-        help="float32 matmul precision: default is TF32 on recent NVIDIA GPUs, highest is "
-        "full float32 (parity)",
-    )
-    t.add_argument(
-        "--platform",
-        choices=backend.PLATFORMS,
-        default=d.platform,
-        help="where to train; none: JAX's default backend",
-    )
-    t.add_argument(
-        "--devices", type=int, help="data-parallel over N devices of the platform; none: all"
-    )
-    t.add_argument(
-        "--steps-per-call",
-        type=_steps_per_call,
-        default=d.steps_per_call,
-        help="training steps per compiled call: auto is 1 on CPU and up to an epoch "
-        f"({backend.IMAGES_PER_CALL:,} images) on accelerators",
-    )
-    t.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=d.deterministic,
-        help="XLA's deterministic GPU ops, on unless --no-deterministic: GPU runs repeat bit "
-        "for bit, at 15-35%% slower steps",
-    )
-    t.add_argument(
-        "--synthetic-per-class",
-        type=int,
-        default=d.synthetic_per_class,
-        help="synthetic images per class when no data is given",
-    )
+    for field in dataclasses.fields(Config):
+        _add_option(t, field)
     t.add_argument("--workdir", help="run folder; none: runs/model<N>-<time>")
     t.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
     t.add_argument("--no-cache", action="store_true", help="decode every image afresh")
@@ -187,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
     pk.add_argument("out", help="the .npz file to write")
     pk.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
-    pk.add_argument("--image-size", type=int, default=d.image_size, help="resize to N x N")
+    pk.add_argument("--image-size", type=int, default=Config().image_size, help="resize to N x N")
 
     # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
     # never imports them; they register through this entry-point group.
@@ -218,30 +158,10 @@ def _train(args) -> int:
     backend.use_deterministic_ops(args.deterministic)
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
-    cfg = Config(
-        model=args.model,
-        data=str(Path(args.data).resolve()) if args.data else None,
-        layout=args.layout,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        pixels=args.pixels,
-        test_size=args.test_size,
-        split=args.split,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        eval_every_epoch=args.eval_every_epoch,
-        synthetic_per_class=args.synthetic_per_class,
-        conv=args.conv,
-        dtype=args.dtype,
-        precision=args.precision,
-        platform=args.platform,
-        devices=args.devices,
-        steps_per_call=args.steps_per_call,
-        deterministic=args.deterministic,
-    )
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    if args.data:  # an empty one ($DATA unset) stays empty, and Config refuses it
+        settings["data"] = str(Path(args.data).resolve())
+    cfg = Config(**settings)
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:
         raise ValueError("--save-every must be at least 1")

@@ -1,46 +1,177 @@
-"""The run configuration: one frozen dataclass, written as JSON into every run folder."""
+"""The run configuration: one frozen dataclass, written as JSON into every run folder.
+
+Each field carries its command-line help, its choices or range, and whether a resumed run must
+keep it; `cnn-jax train` builds its options from them and `__post_init__` checks them, so a
+setting is declared once. The choice lists live here, and the modules that use them import
+them from here.
+"""
 
 import dataclasses
 import json
+import math
+import typing
 from pathlib import Path
+
+LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
+PIXELS = ("unit", "raw")
+SPLITS = ("random", "track")
+OPTIMIZERS = ("keras-adam", "adam")
+CONVS = ("auto", "lax", "matmul")
+DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("default", "high", "highest")
+PLATFORMS = ("cpu", "gpu", "tpu")
+# Seeds go to NumPy's generator and to jax.random.key, which takes a 32-bit integer here.
+MAX_SEED = 2**31 - 1
+
+
+def setting(default, help, *, choices=None, low=None, high=None, above=None, below=None,
+            resume=False, flag=None):  # fmt: skip
+    """A Config field: `help` for --help; `choices`, or bounds: low/high inclusive,
+    above/below exclusive; `resume` when a resumed run must keep it; `flag` when the option is
+    not --field-name ('' for the positional data argument)."""
+    meta = dict(help=help, choices=choices, low=low, high=high, above=above, below=below,
+                resume=resume, flag=flag)  # fmt: skip
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that decides a training run's result."""
 
-    model: int = 2  # 1: one conv block, 2: two conv blocks (the tutorial's two networks)
-    data: str | None = None  # data folder; None trains on the built-in synthetic signs
-    layout: str = "auto"  # auto, cs50, gtsrb-train or gtsrb-test
-    image_size: int = 30  # images are resized to image_size x image_size (tutorial: 30)
-    num_classes: int | None = None  # None: taken from the data (43 for GTSRB)
-    pixels: str = "unit"  # unit: x / 255; raw: 0..255 as the tutorial feeds Keras
-    test_size: float = 0.4  # fraction held out for testing (tutorial: TEST_SIZE = 0.4)
-    split: str = "random"  # random (the tutorial's) or track (no near-duplicates across sides)
-    epochs: int = 10  # tutorial: EPOCHS = 10
-    batch_size: int = 32  # Keras' fit default, which the tutorial keeps
-    learning_rate: float = 1e-3  # Keras' Adam default
-    optimizer: str = "keras-adam"  # keras-adam (Keras' formula) or adam (optax's)
-    dropout: float = 0.5  # the tutorial's Dropout(0.5); 0 switches it off (parity tests)
-    conv: str = "auto"  # auto (matmul on CPU, lax elsewhere), lax or matmul: same values
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
-    # float32 matmul/conv precision: default (TF32 on recent NVIDIA GPUs), high or highest
-    precision: str = "default"
-    platform: str | None = None  # cpu, gpu or tpu; None: JAX's default backend
-    devices: int | None = None  # data-parallel over this many local devices; None: all
-    # training steps per compiled call: auto is 1 on CPU, up to an epoch on accelerators
-    steps_per_call: int | str = "auto"
-    # XLA's deterministic GPU ops; only takes effect if set before JAX starts (the CLI does)
-    deterministic: bool = True
-    seed: int = 0  # drives the split, the initial weights, the batch order and dropout
-    eval_every_epoch: bool = False  # also evaluate on the test split after every epoch
-    synthetic_per_class: int = 100  # images per class when no data folder is given
+    model: int = setting(2, "which network: 1 or 2 conv blocks", choices=(1, 2), resume=True)
+    data: str | None = setting(
+        None,
+        "data folder (CS50 or official GTSRB layout) or .npz from `cnn-jax pack`; none: the "
+        "built-in synthetic signs",
+        resume=True,
+        flag="",
+    )
+    layout: str = setting("auto", "how the folder is laid out", choices=LAYOUTS, resume=True)
+    image_size: int = setting(30, "resize to N x N (tutorial: 30)", low=1, high=1024, resume=True)
+    num_classes: int | None = setting(
+        None, "output classes; none: the data's (43 for GTSRB)", low=1, resume=True
+    )
+    pixels: str = setting(
+        "unit",
+        "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck)",
+        choices=PIXELS,
+        resume=True,
+    )
+    test_size: float = setting(
+        0.4, "fraction held out for testing (tutorial: 0.4)", above=0, below=1, resume=True
+    )
+    split: str = setting(
+        "random",
+        "random (the tutorial's; near-copies leak) or track (whole tracks on one side)",
+        choices=SPLITS,
+        resume=True,
+    )
+    epochs: int = setting(10, "passes over the training split (tutorial: 10)", low=0)
+    batch_size: int = setting(32, "images per step (Keras' default)", low=1, resume=True)
+    learning_rate: float = setting(1e-3, "Adam learning rate", above=0, resume=True, flag="--lr")
+    optimizer: str = setting(
+        "keras-adam",
+        "keras-adam: Keras' formula (epsilon on the uncorrected root); adam: optax's",
+        choices=OPTIMIZERS,
+        resume=True,
+    )
+    dropout: float = setting(0.5, "dropout rate before the last layer", low=0, below=1, resume=True)
+    conv: str = setting(
+        "auto",
+        "convolution formulation, same values: auto is matmul on CPU, lax elsewhere",
+        choices=CONVS,
+    )
+    dtype: str = setting(
+        "float32", "compute type (parameters stay float32)", choices=DTYPES, resume=True
+    )
+    precision: str = setting(
+        "default",
+        "float32 matmul precision: default is TF32 on recent NVIDIA GPUs, highest is full "
+        "float32 (parity)",
+        choices=PRECISIONS,
+        resume=True,
+    )
+    platform: str | None = setting(
+        None, "where to train; none: JAX's default backend", choices=PLATFORMS
+    )
+    devices: int | None = setting(
+        None, "data-parallel over N devices of the platform; none: all", low=1
+    )
+    steps_per_call: int | str = setting(
+        "auto",
+        "training steps per compiled call: auto is 1 on CPU and up to an epoch (16,384 "
+        "images) on accelerators",
+        low=1,
+    )
+    deterministic: bool = setting(
+        True,
+        "XLA's deterministic GPU ops, on unless --no-deterministic: GPU runs repeat bit for "
+        "bit, at 15-35%% slower steps",
+    )
+    seed: int = setting(
+        0, "drives the split, weights, batch order and dropout", low=0, high=MAX_SEED, resume=True
+    )
+    eval_every_epoch: bool = setting(False, "also test after every epoch")
+    synthetic_per_class: int = setting(
+        100, "synthetic images per class when no data is given", low=1, resume=True
+    )
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def write(self, path: Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
+
+
+def flag(name: str) -> str:
+    """How a user names a setting: its option, or 'the data argument'."""
+    f = {f.name: f for f in dataclasses.fields(Config)}[name]
+    given = f.metadata["flag"]
+    if given == "":
+        return f"the {name} argument"
+    return given or f"--{name.replace('_', '-')}"
+
+
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"])
+
+
+def kind(field: dataclasses.Field) -> type:
+    """The field's value type: int for `int | None` and for steps_per_call's `int | str`."""
+    args = typing.get_args(field.type) or (field.type,)
+    return next(t for t in args if t is not type(None))
+
+
+def _check(field: dataclasses.Field, value) -> None:
+    meta, name, want = field.metadata, flag(field.name), kind(field)
+    if value is None and field.default is None or value == field.default == "auto":
+        return
+    if meta["choices"] is not None:
+        if value not in meta["choices"]:
+            options = ", ".join(map(str, meta["choices"]))
+            raise ValueError(f"{name} must be one of {options}, not {value!r}")
+    elif want is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+    elif want is str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty text, not {value!r}")
+    else:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or (want is int and value != int(value)):
+            what = "a whole number" if want is int else "a finite number"
+            raise ValueError(f"{name} must be {what}, not {value!r}")
+        for bound, fails, words in (
+            ("low", lambda b: value < b, "at least"),
+            ("high", lambda b: value > b, "at most"),
+            ("above", lambda b: value <= b, "above"),
+            ("below", lambda b: value >= b, "below"),
+        ):
+            if meta[bound] is not None and fails(meta[bound]):
+                raise ValueError(f"{name} must be {words} {meta[bound]}, not {value!r}")
 
 
 def quick() -> Config:

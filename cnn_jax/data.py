@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
-PIXELS = ("unit", "raw")
-SPLITS = ("random", "track")
+from cnn_jax.config import LAYOUTS, PIXELS, SPLITS
+
 # Bump when decoding changes, so old caches are not reused.
 _CACHE_VERSION = 1
 _TRACK_NAME = re.compile(r"^(\d+)_(\d+)\.[^.]+$")

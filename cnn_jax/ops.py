@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONVS = ("auto", "lax", "matmul")
+from cnn_jax.config import CONVS
 
 
 def conv3x3_matmul(inputs, kernel, window_strides=None, padding=None, **unused):

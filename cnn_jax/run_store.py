@@ -9,26 +9,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax.config import Config
-
-# Settings that decide a run's result: a resumed run must not change them. `epochs` may grow.
-RESUME_KEYS = (
-    "model", "data", "layout", "image_size", "num_classes", "pixels", "test_size", "split",
-    "batch_size", "learning_rate", "optimizer", "dropout", "dtype", "precision", "seed",
-    "synthetic_per_class",
-)  # fmt: skip
-
-
-# How a user names a setting on the command line, where it is not --field-name.
-_FLAG_NAMES = {"learning_rate": "--lr", "data": "the data argument"}
+from cnn_jax.config import RESUME_KEYS, Config, flag
 
 
 def check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path) -> None:
     for key in RESUME_KEYS:
         if saved["config"].get(key) != getattr(config, key):
-            flag = _FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
             raise ValueError(
-                f"{flag} is {getattr(config, key)!r} but the run in "
+                f"{flag(key)} is {getattr(config, key)!r} but the run in "
                 f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
                 "or --restart / another --workdir to start over"
             )

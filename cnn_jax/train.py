@@ -149,8 +149,6 @@ def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
             f"the data has class ids up to {dataset.num_classes - 1}, more than "
             f"--num-classes {num_classes}"
         )
-    if config.batch_size < 1 or config.epochs < 0:
-        raise ValueError("batch size must be at least 1 and epochs at least 0")
     return num_classes
 
 

@@ -53,8 +53,11 @@ def _run(*args, cwd):
     [
         (None, ["train", "missing-folder"], "does not exist"),
         (lambda d: (d / "data" / "signs").mkdir(parents=True), ["train", "data"], "not a number"),
-        (None, ["train", "--test-size", "1.5", "--synthetic-per-class", "2"], "test size"),
+        (None, ["train", "--test-size", "1.5", "--synthetic-per-class", "2"], "--test-size"),
+        (None, ["train", "--lr", "-1"], "--lr must be above 0"),
+        (None, ["train", ""], "the data argument must be a non-empty text"),
         (None, ["train", "--steps-per-call", "0"], "'auto' or a whole number >= 1"),
+        (None, ["train", "--seed", "1180591620717411303424"], "--seed must be at most"),
         (None, ["train", "--platform", "tpu"], "JAX finds no TPU here"),
     ],
 )
@@ -123,3 +126,11 @@ def test_every_option_of_every_command_says_what_it_does():
             assert action.help, f"cnn-jax {name} {action.option_strings or action.dest}"
     text = commands["train"].format_help()
     assert "(default: auto)" in text and "(default: keras-adam)" in text
+
+
+def test_config_choices_are_the_implementations():
+    """Config names the choices once; the tables that implement them must match it."""
+    from cnn_jax import config, models, optim
+
+    assert set(config.DTYPES) == set(models.DTYPES)
+    assert set(config.OPTIMIZERS) == set(optim.OPTIMIZERS)
