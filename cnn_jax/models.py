@@ -77,9 +77,6 @@ class _Layers:
         )
 
 
-_pool = ops.max_pool_2x2
-
-
 def _after_block(size: int) -> int:
     """Spatial size after a 3x3 VALID conv and a 2x2/2 VALID pool."""
     return (size - 2) // 2
@@ -99,7 +96,10 @@ class _Sequential(nnx.Module):
         """The Keras layers by name: conv/pool pairs, flatten, dense1, dropout, logits."""
         result = []
         for i, conv in enumerate(self.convs(), start=1):
-            result += [(f"conv{i}", lambda x, conv=conv: nnx.relu(conv(x))), (f"pool{i}", _pool)]
+            result += [
+                (f"conv{i}", lambda x, conv=conv: nnx.relu(conv(x))),
+                (f"pool{i}", ops.max_pool_2x2),
+            ]
         return result + [
             ("flatten", _flatten),
             ("dense1", lambda x: nnx.relu(self.dense1(x))),
@@ -110,7 +110,7 @@ class _Sequential(nnx.Module):
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for NHWC images; dropout runs only when a key is given."""
         for conv in self.convs():
-            x = conv.pooled_relu(x) if self.pool_first else _pool(nnx.relu(conv(x)))
+            x = conv.pooled_relu(x) if self.pool_first else ops.max_pool_2x2(nnx.relu(conv(x)))
         x = nnx.relu(self.dense1(_flatten(x)))
         return self.logits(self._dropout(dropout_key)(x))
 
