@@ -41,6 +41,10 @@ class Position(NamedTuple):
     epoch: int
     step_in_epoch: int
 
+    def global_step(self, steps_per_epoch: int) -> int:
+        """The training state's `step` here, known on the host without a device sync."""
+        return self.epoch * steps_per_epoch + self.step_in_epoch
+
 
 class Resumed(NamedTuple):
     state: Any  # host arrays: place them on any device count
@@ -52,17 +56,19 @@ class RunStore:
     """The checkpoints of one run folder, each with the meta a resume needs.
 
     A checkpoint holds the state and, as JSON, the config, the position, the epoch records so
-    far and the data's fingerprint; the step is the global step, epoch * steps per epoch + step
-    in the epoch.
+    far and the data's fingerprint; it is stored under the position's global step.
     """
 
-    def __init__(self, workdir, config: Config, num_classes: int, fingerprint: str):
+    def __init__(
+        self, workdir, config: Config, num_classes: int, fingerprint: str, steps_per_epoch: int
+    ):
         from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
 
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = Checkpoints(self.workdir)
         self.config, self.num_classes, self.fingerprint = config, num_classes, fingerprint
+        self.steps_per_epoch = steps_per_epoch
 
     @property
     def directory(self) -> Path:
@@ -78,7 +84,7 @@ class RunStore:
         state, meta = restore_latest(self.checkpoints, template, fallback, say, check)
         return Resumed(state, Position(meta["epoch"], meta["step_in_epoch"]), meta["epochs"])
 
-    def save(self, step: int, position: Position, state, epochs, test_accuracy=None) -> None:
+    def save(self, position: Position, state, epochs, test_accuracy=None) -> None:
         meta = {
             "config": dataclasses.asdict(self.config),
             "num_classes": self.num_classes,
@@ -87,10 +93,11 @@ class RunStore:
             "epochs": epochs,
             "data_fingerprint": self.fingerprint,
         }
+        step = position.global_step(self.steps_per_epoch)
         self.checkpoints.save(step, state, meta, test_accuracy)
 
-    def has(self, step: int) -> bool:
-        return step in self.checkpoints.steps()
+    def has(self, position: Position) -> bool:
+        return position.global_step(self.steps_per_epoch) in self.checkpoints.steps()
 
     def close(self) -> None:
         self.checkpoints.close()

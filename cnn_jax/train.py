@@ -76,12 +76,13 @@ def fit(
     store, position = None, Position(0, 0)
     if workdir is not None:
         # The fingerprint hashes every pixel: only runs that checkpoint need it.
-        store = RunStore(workdir, config, num_classes, data_fingerprint(dataset))
+        fingerprint = data_fingerprint(dataset)
+        store = RunStore(workdir, config, num_classes, fingerprint, steps_per_epoch)
         resumed = store.resume(state, restart, resume_fallback, say)
         if resumed is not None:
             state = trainer.place(resumed.state)  # host arrays: any device count works
             position, metrics["epochs"] = resumed.position, resumed.epochs
-            say(f"resuming {store.workdir} from step {_step(position, steps_per_epoch)} "
+            say(f"resuming {store.workdir} from step {position.global_step(steps_per_epoch)} "
                 f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
         config.write(store.workdir / "config.json")
 
@@ -94,10 +95,10 @@ def fit(
             progress.update(end, state.metrics)
             # A save when a call crosses a multiple of save_every (a call may run many steps);
             # the epoch's last step is saved by the epoch-end checkpoint below.
-            step = _step(Position(epoch, end), steps_per_epoch)
+            step = Position(epoch, end).global_step(steps_per_epoch)
             crossed = save_every and step // save_every > (step - end + begin) // save_every
             if store is not None and crossed and end < steps_per_epoch:
-                store.save(step, Position(epoch, end), state, metrics["epochs"])
+                store.save(Position(epoch, end), state, metrics["epochs"])
             return should_stop is not None and should_stop()
 
         t0 = time.perf_counter()
@@ -110,8 +111,8 @@ def fit(
         step_ms += ms[1:] if epoch == position.epoch else ms
         if done < steps_per_epoch:  # stopped on request mid-epoch
             where = Position(epoch, done)
-            if store is not None and not store.has(_step(where, steps_per_epoch)):
-                store.save(_step(where, steps_per_epoch), where, state, metrics["epochs"])
+            if store is not None and not store.has(where):
+                store.save(where, state, metrics["epochs"])
             progress.interrupt()
             _interrupted(store, where, steps_per_epoch)
         record = _epoch_record(state, time.perf_counter() - t0)
@@ -121,10 +122,7 @@ def fit(
         progress.close(record)
         metrics["epochs"].append(record)
         if store is not None:
-            step = _step(Position(epoch + 1, 0), steps_per_epoch)
-            store.save(
-                step, Position(epoch + 1, 0), state, metrics["epochs"], record["test_accuracy"]
-            )
+            store.save(Position(epoch + 1, 0), state, metrics["epochs"], record["test_accuracy"])
         if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
             _interrupted(store, Position(epoch + 1, 0), steps_per_epoch)
     ev = evaluate(trainer.predictor, state.params, test_images, test_labels)
@@ -150,11 +148,6 @@ def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
             f"--num-classes {num_classes}"
         )
     return num_classes
-
-
-def _step(position: Position, steps_per_epoch: int) -> int:
-    """The global step (the training state's `step`), known on the host without a sync."""
-    return position.epoch * steps_per_epoch + position.step_in_epoch
 
 
 def _epoch_record(state, seconds: float) -> dict[str, float]:
@@ -185,6 +178,6 @@ def _interrupted(store: RunStore | None, position: Position, steps_per_epoch: in
         store.close()
     where = f"; checkpoint saved in {store.directory}" if store is not None else ""
     raise Interrupted(
-        f"stopped at step {_step(position, steps_per_epoch)} (epoch {position.epoch + 1}, step "
-        f"{position.step_in_epoch} of {steps_per_epoch}){where}"
+        f"stopped at step {position.global_step(steps_per_epoch)} (epoch {position.epoch + 1}, "
+        f"step {position.step_in_epoch} of {steps_per_epoch}){where}"
     )
