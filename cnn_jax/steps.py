@@ -143,20 +143,40 @@ class Trainer:
         return TrainState(params, opt_state, state.step + 1, metrics)
 
 
+def _network(config: Config, num_classes: int):
+    """The mesh of the config's devices, and a builder of its model for a convolution choice.
+
+    Shared by training (which initialises the weights) and restoring (which needs only shapes).
+    """
+    platform = backend.resolve_platform(config.platform)
+    mesh = parallel.create_mesh(config.devices, platform)
+
+    def build(conv: str, seed=0):
+        return create_model(
+            config.model,
+            config.image_size,
+            num_classes,
+            seed=seed,
+            dropout=config.dropout,
+            conv=conv,
+            dtype=config.dtype,
+            platform=platform,
+        )
+
+    return platform, mesh, build
+
+
+def _inference_conv(config: Config) -> str:
+    # With 'auto', inference uses XLA's own convolution: on CPU its forward pass beat the
+    # matmul form (11k vs 4-9k images/s, BENCHMARKS.md); only its gradient is slow there.
+    return "lax" if config.conv == "auto" else config.conv
+
+
 def abstract_state(config: Config, num_classes: int) -> tuple[Predictor, TrainState]:
     """The inference network for a config, and the shapes of its training state (a restore
     template: nothing is initialised or allocated)."""
-    platform = backend.resolve_platform(config.platform)
-    mesh = parallel.create_mesh(config.devices, platform)
-    conv = "lax" if config.conv == "auto" else config.conv  # as Trainer.predictor's
-
-    def build():
-        return create_model(
-            config.model, config.image_size, num_classes, conv=conv, dtype=config.dtype,
-            platform=platform,
-        )  # fmt: skip
-
-    graphdef, params = nnx.split(nnx.eval_shape(build))
+    _, mesh, build = _network(config, num_classes)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build(_inference_conv(config))))
     tx = create_optimizer(config.optimizer, config.learning_rate)
     state = TrainState(
         params,
@@ -173,26 +193,16 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
 
     `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call).
     """
-    platform = backend.resolve_platform(config.platform)
-    mesh = parallel.create_mesh(config.devices, platform)
+    platform, mesh, build = _network(config, num_classes)
     parallel.check_batch(config.batch_size, mesh)
-
-    def build(conv):
-        return create_model(
-            config.model,
-            config.image_size,
-            num_classes,
-            seed=stream_key(config.seed, "init"),
-            dropout=config.dropout,
-            conv=conv,
-            dtype=config.dtype,
-            platform=platform,
-        )
-
-    graphdef, params = nnx.split(build(config.conv))
-    # With 'auto', inference uses XLA's own convolution: on CPU its forward pass beat the
-    # matmul form (11k vs 4-9k images/s, BENCHMARKS.md); only its gradient is slow there.
-    infer_graphdef = nnx.split(build("lax"))[0] if config.conv == "auto" else graphdef
+    graphdef, params = nnx.split(build(config.conv, stream_key(config.seed, "init")))
+    infer_conv = _inference_conv(config)
+    # Another formulation for inference needs only its graph: no second set of weights.
+    infer_graphdef = (
+        graphdef
+        if infer_conv == config.conv
+        else nnx.split(nnx.eval_shape(lambda: build(infer_conv)))[0]
+    )
     tx = create_optimizer(config.optimizer, config.learning_rate)
     per_call = backend.steps_per_call(
         config.steps_per_call, platform, steps_per_epoch, config.batch_size
