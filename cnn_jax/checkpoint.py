@@ -4,7 +4,7 @@ A checkpoint is WORKDIR/checkpoints/<step>/ with two items:
   state: the whole training state (params, optimizer state, step, running epoch metrics) as a
          flat {path: array} dict, so it restores into any structure and onto any device count;
   meta:  JSON with the config, epoch and position in it, the metrics so far and a SHA-256 of the
-         parameters, which every restore checks.
+         weights (parameters and batch statistics), which every restore checks.
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 mid-save leaves nothing that is picked up later.
 """
@@ -80,9 +80,10 @@ class Checkpoints:
         policy = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(self.keep_latest),
-                # Mid-epoch saves carry no test accuracy; only LatestN keeps those.
+                # Only runs with a validation split score their checkpoints; LatestN keeps the
+                # rest (picking by the test split would make the test figure optimistic).
                 policies.BestN(
-                    get_metric_fn=lambda m: m["test_accuracy"],
+                    get_metric_fn=lambda m: m["val_accuracy"],
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -100,14 +101,14 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, meta: dict[str, Any], test_accuracy: float | None = None):
+    def save(self, step: int, state, meta: dict[str, Any], val_accuracy: float | None = None):
         meta = dict(
             meta,
             step=int(step),
-            test_accuracy=test_accuracy,
-            params_sha256=params_digest(state.params),
+            val_accuracy=val_accuracy,
+            params_sha256=params_digest(state.weights),
         )
-        metrics = None if test_accuracy is None else {"test_accuracy": float(test_accuracy)}
+        metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -141,15 +142,16 @@ class Checkpoints:
         except Exception as e:  # orbax raises many kinds for damaged files
             raise CheckpointError(self._corrupt(step, _first_line(e))) from None
         state = unflatten(template, flat, f"checkpoint step {step}")
-        if params_digest(state.params) != meta.get("params_sha256"):
+        if params_digest(state.weights) != meta.get("params_sha256"):
             raise CheckpointError(self._corrupt(step, "parameters do not match their SHA-256"))
         return state, meta
 
     def best_step(self) -> int | None:
-        """The step with the highest recorded test accuracy (the latest if none has one)."""
+        """The step with the highest validation accuracy; the latest when none has one (a run
+        without a validation split: its last epoch is its model)."""
         scored = []
         for step in self.steps():
-            acc = self.read_meta(step).get("test_accuracy")
+            acc = self.read_meta(step).get("val_accuracy")
             if acc is not None:
                 scored.append((acc, step))
         if scored:

@@ -31,17 +31,25 @@ def _steps_per_call(text: str) -> int | str:
 
 
 def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-    """The option for one Config field, from its metadata (help, choices, flag name)."""
+    """The option for one Config field, from its metadata (help, choices, flag name).
+
+    An option left out is absent from the parsed arguments (argparse.SUPPRESS), so that a
+    --recipe can tell the options a user gave, which win, from those it may set.
+    """
     meta, default = field.metadata, field.default
+    unset = argparse.SUPPRESS
     if meta["flag"] == "":  # the positional data argument
-        parser.add_argument(field.name, nargs="?", help=meta["help"])
+        parser.add_argument(field.name, nargs="?", default=unset, help=meta["help"])
         return
     name = config_lib.flag(field.name)
+    help = (
+        meta["help"] if default in (None, False, True) else f"{meta['help']} (default: {default})"
+    )
     if default is True:
         action = argparse.BooleanOptionalAction
-        parser.add_argument(name, dest=field.name, action=action, default=True, help=meta["help"])
+        parser.add_argument(name, dest=field.name, action=action, default=unset, help=help)
     elif default is False:
-        parser.add_argument(name, dest=field.name, action="store_true", help=meta["help"])
+        parser.add_argument(name, dest=field.name, action="store_true", default=unset, help=help)
     else:
         kind = _steps_per_call if field.name == "steps_per_call" else config_lib.kind(field)
         parser.add_argument(
@@ -49,9 +57,9 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> No
             dest=field.name,
             type=kind,
             choices=meta["choices"],
-            default=default,
+            default=unset,
             metavar=None if meta["choices"] else name.lstrip("-").replace("-", "_").upper(),
-            help=meta["help"],
+            help=help,
         )
 
 
@@ -155,13 +163,13 @@ def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> d
 
 def _train(args) -> int:
     # XLA reads its flags when JAX starts a backend: before anything below imports JAX.
-    backend.use_deterministic_ops(args.deterministic)
+    backend.use_deterministic_ops(getattr(args, "deterministic", True))
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    if args.data:  # an empty one ($DATA unset) stays empty, and Config refuses it
-        settings["data"] = str(Path(args.data).resolve())
-    cfg = Config(**settings)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name in args}
+    if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
+        given["data"] = str(Path(given["data"]).resolve())
+    cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
     verbose = not args.quiet
     if args.save_every is not None and args.save_every < 1:
         raise ValueError("--save-every must be at least 1")
@@ -238,6 +246,8 @@ def _evaluate(args) -> int:
     print(f"{'class':>5}  {'images':>6}  {'accuracy':>8}  sign")
     for row in result["per_class"]:
         print(f"{row['class']:>5}  {row['n']:>6}  {row['accuracy']:>8.4f}  {row['name']}")
+    for m, acc in enumerate(result.get("member_accuracy", [])):
+        print(f"ensemble member {m}: accuracy {acc:.4f}")
     print(test_line(result["loss"], result["accuracy"]))
     return 0
 
@@ -248,7 +258,7 @@ def _predict(args) -> int:
     restored = load_checkpoint(args.checkpoint, args.platform)
     results = predict_files(restored, args.images, args.top_k)
     failed = 0
-    for path, top in results:
+    for path, top, members in results:
         if isinstance(top, str):
             failed += 1
             print(f"cnn-jax predict: error: {top}", file=sys.stderr)
@@ -256,6 +266,8 @@ def _predict(args) -> int:
             print(path)
             for rank, (c, name, p) in enumerate(top, start=1):
                 print(f"  {rank}. {p:7.2%}  {name} (class {c})")
+            for m, (c, name, p) in enumerate(members or []):
+                print(f"     member {m}: {p:7.2%}  {name} (class {c})")
     if args.json:
         rows = [
             {"path": path, "error": top}
@@ -263,8 +275,13 @@ def _predict(args) -> int:
             else {
                 "path": path,
                 "top": [{"class": c, "name": n, "probability": p} for c, n, p in top],
+                **(
+                    {"members": [{"class": c, "name": n, "probability": p} for c, n, p in members]}
+                    if members
+                    else {}
+                ),  # fmt: skip
             }
-            for path, top in results
+            for path, top, members in results
         ]
         print(json.dumps(rows, indent=2))
     return 2 if failed else 0
@@ -304,7 +321,8 @@ def _info(args) -> int:
         "step": r.step,
         "epoch": r.meta["epoch"],
         "step_in_epoch": r.meta["step_in_epoch"],
-        "test_accuracy": r.meta.get("test_accuracy"),
+        "test_accuracy": (r.meta.get("epochs") or [{}])[-1].get("test_accuracy"),
+        "val_accuracy": r.meta.get("val_accuracy"),
         "params_sha256": params_digest(r.params),
         "config": r.meta["config"],
         "epochs": r.meta["epochs"],

@@ -13,9 +13,11 @@ import typing
 from pathlib import Path
 
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
-PIXELS = ("unit", "raw")
+PIXELS = ("unit", "raw", "standard")
 SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
+SCHEDULES = ("constant", "cosine")
+RECIPES = ("strong",)
 CONVS = ("auto", "lax", "matmul")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("default", "high", "highest")
@@ -38,7 +40,19 @@ def setting(default, help, *, choices=None, low=None, high=None, above=None, bel
 class Config:
     """Everything that decides a training run's result."""
 
-    model: int = setting(2, "which network: 1 or 2 conv blocks", choices=(1, 2), resume=True)
+    model: int = setting(
+        2,
+        "which network: 1 or 2 conv blocks (the tutorial's), or 3 (batch norm, built for accuracy)",
+        choices=(1, 2, 3),
+        resume=True,
+    )
+    recipe: str | None = setting(
+        None,
+        "a preset of the options below; given options still win. strong: image size 32, "
+        "standard pixels, augmentation, 20 epochs of batch 64, lr 2e-3 with 1 warmup epoch and "
+        "cosine decay, weight decay 5e-4, label smoothing 0.1",
+        choices=RECIPES,
+    )
     data: str | None = setting(
         None,
         "data folder (CS50 or official GTSRB layout) or .npz from `cnn-jax pack`; none: the "
@@ -53,7 +67,8 @@ class Config:
     )
     pixels: str = setting(
         "unit",
-        "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck)",
+        "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck); standard: "
+        "each image to zero mean and unit spread",
         choices=PIXELS,
         resume=True,
     )
@@ -68,7 +83,28 @@ class Config:
     )
     epochs: int = setting(10, "passes over the training split (tutorial: 10)", low=0)
     batch_size: int = setting(32, "images per step (Keras' default)", low=1, resume=True)
-    learning_rate: float = setting(1e-3, "Adam learning rate", above=0, resume=True, flag="--lr")
+    learning_rate: float = setting(
+        1e-3, "Adam learning rate (the peak, with a schedule)", above=0, resume=True, flag="--lr"
+    )
+    schedule: str = setting(
+        "constant",
+        "learning rate over the run: constant (the tutorial's), or cosine: linear warmup, then "
+        "cosine decay to zero at the last step",
+        choices=SCHEDULES,
+        resume=True,
+    )
+    warmup_epochs: float = setting(
+        0.0, "epochs of linear warmup (with --schedule cosine)", low=0, resume=True
+    )
+    weight_decay: float = setting(
+        0.0,
+        "decoupled weight decay of the kernels, as AdamW (0: none, the tutorial's)",
+        low=0,
+        resume=True,
+    )
+    label_smoothing: float = setting(
+        0.0, "share of each label spread over all classes", low=0, below=1, resume=True
+    )
     optimizer: str = setting(
         "keras-adam",
         "keras-adam: Keras' formula (epsilon on the uncorrected root); adam: optax's",
@@ -76,6 +112,39 @@ class Config:
         resume=True,
     )
     dropout: float = setting(0.5, "dropout rate before the last layer", low=0, below=1, resume=True)
+    augment: bool = setting(
+        False,
+        "random rotation, scaling, shear, shift, brightness and contrast of each training "
+        "image, on the device (no mirroring: it turns one sign into another)",
+        resume=True,
+    )
+    aug_rotate: float = setting(15.0, "largest rotation, degrees", low=0, high=180, resume=True)
+    aug_scale: float = setting(0.1, "largest scaling, fraction", low=0, below=1, resume=True)
+    aug_shear: float = setting(0.1, "largest shear factor", low=0, high=1, resume=True)
+    aug_shift: float = setting(0.1, "largest shift, fraction of the side", low=0, high=0.5,
+                               resume=True)  # fmt: skip
+    aug_brightness: float = setting(
+        0.2, "largest brightness change, fraction of full scale", low=0, high=1, resume=True
+    )
+    aug_contrast: float = setting(
+        0.2, "largest contrast change, fraction", low=0, below=1, resume=True
+    )
+    ensemble: int = setting(
+        1,
+        "train N networks from seeds seed..seed+N-1 in one compiled program; evaluate and "
+        "predict average their probabilities",
+        low=1,
+        high=64,
+        resume=True,
+    )
+    val_size: float = setting(
+        0.0,
+        "fraction of the training side held out for validation (whole tracks with --split "
+        "track); the best epoch on it is the run's model. 0: none, the last epoch is",
+        low=0,
+        below=1,
+        resume=True,
+    )
     conv: str = setting(
         "auto",
         "convolution formulation, same values: auto is matmul on CPU, lax elsewhere",
@@ -172,6 +241,30 @@ def _check(field: dataclasses.Field, value) -> None:
         ):
             if meta[bound] is not None and fails(meta[bound]):
                 raise ValueError(f"{name} must be {words} {meta[bound]}, not {value!r}")
+
+
+# What each recipe sets; options given on the command line (or to `with_recipe`) override them.
+RECIPE_SETTINGS = {
+    "strong": dict(
+        image_size=32,
+        pixels="standard",
+        augment=True,
+        epochs=20,
+        batch_size=64,
+        learning_rate=2e-3,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+    )
+}
+
+
+def with_recipe(recipe: str | None, **given) -> Config:
+    """A Config from a recipe's settings, overridden by `given` (the options a user gave)."""
+    if recipe is not None and recipe not in RECIPE_SETTINGS:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPE_SETTINGS)}, not {recipe!r}")
+    return Config(**{**RECIPE_SETTINGS.get(recipe, {}), **given, "recipe": recipe})
 
 
 def quick() -> Config:

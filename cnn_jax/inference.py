@@ -22,7 +22,7 @@ class Restored:
 
     config: Config
     predictor: Predictor
-    params: Any  # on the predictor's devices
+    params: Any  # the weights (parameters and batch statistics), on the predictor's devices
     meta: dict[str, Any]
     step: int
     directory: Path
@@ -30,7 +30,8 @@ class Restored:
     def param_count(self) -> int:
         from flax import nnx
 
-        return count_params(nnx.merge(self.predictor.graphdef, self.params))
+        # Per network: an ensemble's members are counted once.
+        return count_params(nnx.merge(self.predictor.graphdef, self.params)) // self.config.ensemble
 
 
 def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
@@ -45,7 +46,7 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     predictor, template = abstract_state(local, meta["num_classes"])
     state, meta = store.restore(step, template)
     store.close()
-    params = predictor.place(state.params)  # the optimizer's arrays are dropped here
+    params = predictor.place(state.weights)  # the optimizer's arrays are dropped here
     return Restored(config, predictor, params, meta, step, store.directory / str(step))
 
 
@@ -89,7 +90,8 @@ def evaluate_checkpoint(
 
 
 def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
-    """For each path, (path, [(class, name, probability), ...] or an error string)."""
+    """For each path, (path, [(class, name, probability), ...] or an error string, and for an
+    ensemble each member's top (class, name, probability), else None)."""
     if top_k < 1:
         raise ValueError("--top-k must be at least 1")
     results, images, ok = [], [], []
@@ -97,12 +99,23 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
         try:
             images.append(data_lib.decode_image(p, restored.config.image_size))
             ok.append(len(results))
-            results.append((p, None))
+            results.append((p, None, None))
         except (OSError, ValueError) as e:
-            results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}"))
+            results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}", None))
     if images:
-        probs = np.asarray(restored.predictor.probabilities(restored.params, np.stack(images)))
-        for row, i in zip(probs, ok):
+        batch = np.stack(images)
+        probs = np.asarray(restored.predictor.probabilities(restored.params, batch))
+        each = None
+        if restored.predictor.members:
+            each = np.asarray(restored.predictor.member_probabilities(restored.params, batch))
+        for n, (row, i) in enumerate(zip(probs, ok)):
             top = np.argsort(-row, kind="stable")[:top_k]
-            results[i] = (paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top])
+            members = None
+            if each is not None:
+                best = np.argmax(each[:, n], axis=-1)
+                members = [(int(c), sign_name(int(c)), float(each[m, n, c]))
+                           for m, c in enumerate(best)]  # fmt: skip
+            results[i] = (
+                paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top], members
+            )  # fmt: skip
     return results

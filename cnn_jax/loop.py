@@ -31,7 +31,7 @@ def train_epoch(
     per_call = trainer.steps_per_call
     padded = trainer.place(padded_order(order, trainer.batch_size))
     if start == 0:
-        state = state._replace(metrics=trainer.place(np.zeros(3, np.float32)))
+        state = state._replace(metrics=trainer.place(np.zeros(state.metrics.shape, np.float32)))
     step_ms = []
     t_last = time.perf_counter()
     i = start

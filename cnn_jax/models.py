@@ -1,4 +1,4 @@
-"""The tutorial's two traffic-sign CNNs as Flax NNX modules.
+"""The tutorial's two traffic-sign CNNs, and a third built for the task, as Flax NNX modules.
 
 Layer names (conv1, conv2, dense1, logits) match the Keras reference so weights map name to name.
 The models return logits; softmax lives in the loss and in predict.
@@ -52,13 +52,14 @@ class _Layers:
     # fuses the bias and ReLU into the convolution (inference: 18k vs 11k images/s on CPU).
     pool_first: bool = False
 
-    def conv3x3(self, in_features: int, out_features: int, rngs: nnx.Rngs) -> Conv3x3:
+    def conv3x3(self, in_features, out_features, rngs, use_bias=True) -> Conv3x3:
         # Keras Conv2D pads "valid"; nnx.Conv defaults to 'SAME'. The tuple keeps the kernel 2-D.
         return Conv3x3(
             in_features,
             out_features,
             kernel_size=(3, 3),
             padding="VALID",
+            use_bias=use_bias,
             kernel_init=_KERNEL_INIT,
             bias_init=_BIAS_INIT,
             conv_general_dilated=self.conv,
@@ -157,8 +158,45 @@ class Model2(_Sequential):
         return [self.conv1, self.conv2]
 
 
+class Model3(nnx.Module):
+    """Three blocks of Conv2D(3x3, "same", no bias) -> BatchNorm -> ReLU -> MaxPool, with 32, 64
+    and 128 filters, then Flatten -> Dense(256) -> Dropout -> Dense(classes).
+
+    Not from the tutorial: a small modern CNN for the task. Batch normalisation lets it train fast
+    at a high learning rate; "same" padding keeps the borders, where a sign's rim is. A second
+    convolution per block cost three times the step on a 2-core CPU (BENCHMARKS.md).
+    """
+
+    WIDTHS = (32, 64, 128)
+
+    def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), rngs):
+        ins = (3,) + self.WIDTHS[:-1]
+        self.convs = nnx.List(
+            [layers.conv3x3(a, b, rngs, use_bias=False) for a, b in zip(ins, self.WIDTHS)]
+        )
+        # Keras' BatchNormalization defaults: momentum 0.99, epsilon 1e-3 (Flax's is 1e-5).
+        self.norms = nnx.List(
+            [nnx.BatchNorm(b, epsilon=1e-3, dtype=layers.dtype, rngs=rngs) for b in self.WIDTHS]
+        )
+        side = image_size
+        for _ in self.WIDTHS:
+            side //= 2
+        self.dense1 = layers.dense(side * side * self.WIDTHS[-1], 256, rngs)
+        self.dropout = nnx.Dropout(dropout)
+        self.logits = layers.dense(256, num_classes, rngs)
+
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits; with a dropout key it trains (batch statistics, updating the running ones)."""
+        training = dropout_key is not None
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))  # "same", for either conv
+            x = ops.max_pool_2x2(nnx.relu(norm(x, use_running_average=not training)))
+        x = nnx.relu(self.dense1(_flatten(x)))
+        return self.logits(self.dropout(x, deterministic=not training, rngs=dropout_key))
+
+
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-MODELS: dict[int, Callable[..., nnx.Module]] = {1: Model1, 2: Model2}
+MODELS: dict[int, Callable[..., nnx.Module]] = {1: Model1, 2: Model2, 3: Model3}
 
 
 def create_model(
@@ -171,7 +209,7 @@ def create_model(
     dtype: str = "float32",
     platform: str | None = None,
 ):
-    """Builds Model 1 or 2 with weights drawn from `seed` (an int or a PRNG key).
+    """Builds Model 1, 2 or 3 with weights drawn from `seed` (an int or a PRNG key).
 
     dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
@@ -182,12 +220,20 @@ def create_model(
     conv_fn = ops.resolve_conv(conv, platform)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul)
     if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}: choose 1 or 2")
-    if _after_block(_after_block(image_size) if model == 2 else image_size) < 1:
-        raise ValueError(f"image size {image_size} is too small for model {model}")
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(map(str, MODELS))}")
+    if image_size < min_image_size(model):
+        raise ValueError(
+            f"image size {image_size} is too small for model {model}: it needs at least "
+            f"{min_image_size(model)}"
+        )
     return MODELS[model](
         image_size, num_classes, dropout=dropout, layers=layers, rngs=nnx.Rngs(params=seed)
     )
+
+
+def min_image_size(model: int) -> int:
+    """The smallest input side that leaves each block at least one pixel."""
+    return {1: 4, 2: 10, 3: 8}[model]
 
 
 def count_params(model: nnx.Module) -> int:

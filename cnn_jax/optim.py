@@ -47,11 +47,33 @@ def keras_adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, 
     return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale(-learning_rate))
 
 
-OPTIMIZERS = {"keras-adam": keras_adam, "adam": optax.adam}
+DIRECTIONS = {"keras-adam": scale_by_keras_adam, "adam": optax.scale_by_adam}
 
 
-def create_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-    """'keras-adam' (the default, Keras' formula) or 'adam' (optax's)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](learning_rate)
+def schedule(config, steps_per_epoch: int):
+    """The learning rate: a constant, or linear warmup then cosine decay to 0 at the last step."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    total = max(config.epochs * steps_per_epoch, 1)
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total)
+
+
+def _kernels(params):
+    # Decay the weight matrices only: decaying biases and batch-norm scales only hurts.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The config's optimizer: Adam's direction ('keras-adam', Keras' formula, or 'adam',
+    optax's), decoupled weight decay as in AdamW when asked, scaled by the learning rate."""
+    if config.optimizer not in DIRECTIONS:
+        raise ValueError(
+            f"unknown optimizer {config.optimizer!r}: choose one of {', '.join(DIRECTIONS)}"
+        )
+    parts = [DIRECTIONS[config.optimizer]()]
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=_kernels))
+    # A constant rate gives optax.scale(-rate): the same steps as keras_adam and optax.adam.
+    parts.append(optax.scale_by_learning_rate(schedule(config, steps_per_epoch)))
+    return optax.chain(*parts)

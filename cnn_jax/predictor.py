@@ -70,12 +70,18 @@ def compile_fn(fn, mesh, precision: str | None = None, **jit_options):
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-    """The inference network for one model and pixel scaling, on a device mesh."""
+    """The inference network for one model and pixel scaling, on a device mesh.
+
+    Its functions take the network's weights (parameters and any batch-norm statistics, one
+    nnx.State); an ensemble's weights have a leading member axis, and its probabilities are the
+    mean of the members'.
+    """
 
     graphdef: Any
     pixels: str
     mesh: Any  # jax.sharding.Mesh with a 'data' axis
     precision: str | None = None  # jax.default_matmul_precision while tracing; None: JAX's
+    members: int = 0  # an ensemble's size; 0: one network
 
     @property
     def eval_batch(self) -> int:
@@ -90,10 +96,18 @@ class Predictor:
         # Each device computes its slice of the batch.
         return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
 
-    def apply(self, params, images):
-        """Float32 logits of uint8 images, dropout off."""
+    def apply(self, weights, images):
+        """Float32 logits of uint8 images, dropout off: (batch, classes), or (members, batch,
+        classes) for an ensemble."""
         x = data_lib.scale_pixels(images, self.pixels)
-        return nnx.merge(self.graphdef, params)(x).astype(jnp.float32)
+        run = lambda w: nnx.merge(self.graphdef, w)(x).astype(jnp.float32)  # noqa: E731
+        return jax.vmap(run)(weights) if self.members else run(weights)
+
+    def _probabilities(self, weights, images):
+        """Softmax outputs; an ensemble's are its members' mean, and each member's as well."""
+        logits = self.apply(weights, images)
+        probs = jax.nn.softmax(logits)
+        return (probs.mean(0), probs) if self.members else (probs, None)
 
     @functools.cached_property
     def eval_step(self):
@@ -103,23 +117,38 @@ class Predictor:
         TRACE_COUNTS["eval_step"] += 1
         idx, weights = batch_of(order, i, self.eval_batch, n)
         x, y, weights = self.shard(images[idx], labels[idx], weights)
-        logits = self.apply(params, x)
-        predictions = jnp.argmax(logits, -1)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        if self.members:
+            probs, each = self._probabilities(params, x)
+            predictions = jnp.argmax(probs, -1)
+            losses = -jnp.log(jnp.take_along_axis(probs, y[:, None], -1)[:, 0] + 1e-12)
+            member_correct = jnp.sum((jnp.argmax(each, -1) == y) * weights, axis=-1)
+        else:
+            logits = self.apply(params, x)
+            predictions = jnp.argmax(logits, -1)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            member_correct = jnp.zeros(0)
         sums = jnp.stack(
             [jnp.sum(losses * weights), jnp.sum((predictions == y) * weights), jnp.sum(weights)]
         )
-        return sums, predictions
+        return sums, predictions, member_correct
 
     @functools.cached_property
     def probabilities(self):
-        """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them."""
-        apply = lambda params, images: jax.nn.softmax(self.apply(params, images))  # noqa: E731
+        """Softmax outputs for a batch of uint8 images, as Keras' `predict` gives them (an
+        ensemble's mean)."""
+        apply = lambda weights, images: self._probabilities(weights, images)[0]  # noqa: E731
+        return compile_fn(apply, self.mesh, self.precision)
+
+    @functools.cached_property
+    def member_probabilities(self):
+        """Each ensemble member's softmax outputs, (members, batch, classes)."""
+        apply = lambda weights, images: self._probabilities(weights, images)[1]  # noqa: E731
         return compile_fn(apply, self.mesh, self.precision)
 
 
 def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches."""
+    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches;
+    for an ensemble, each member's accuracy too."""
     n = len(labels)
     order, images, labels_dev = predictor.place(
         (padded_order(np.arange(n), predictor.eval_batch), images, labels)
@@ -128,14 +157,18 @@ def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
         predictor.eval_step(params, images, labels_dev, order, n, i)
         for i in range(ceil_div(n, predictor.eval_batch))
     ]
-    loss, correct, count = np.sum([np.asarray(sums) for sums, _ in outputs], axis=0)
-    predictions = np.concatenate([np.asarray(p) for _, p in outputs])[:n]
+    loss, correct, count = np.sum([np.asarray(sums) for sums, _, _ in outputs], axis=0)
+    predictions = np.concatenate([np.asarray(p) for _, p, _ in outputs])[:n]
     labels = np.asarray(labels)
     per_class = {int(c): float(np.mean(predictions[labels == c] == c)) for c in np.unique(labels)}
-    return {
+    result = {
         "loss": float(loss / count),
         "accuracy": float(correct / count),
         "n": int(count),
         "per_class_accuracy": per_class,
         "predictions": predictions,
     }
+    if predictor.members:
+        member_correct = np.sum([np.asarray(m) for _, _, m in outputs], axis=0)
+        result["member_accuracy"] = [float(c / count) for c in member_correct]
+    return result

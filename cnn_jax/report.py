@@ -25,8 +25,9 @@ class Progress:
         if not self.live or (now - self.last_draw < 0.1 and step < self.steps):
             return
         self.last_draw = now
-        loss_sum, correct, count = np.asarray(metrics)
-        rate = count / max(now - self.t0, 1e-9)
+        rows = np.asarray(metrics).reshape(-1, 3)  # an ensemble has a row per member
+        loss_sum, correct, count = rows.sum(0)
+        rate = rows[0, 2] / max(now - self.t0, 1e-9)
         self._draw(step, loss_sum / count, correct / count, f"{rate:,.0f} img/s", "\r")
 
     def interrupt(self) -> None:
@@ -39,9 +40,11 @@ class Progress:
             return
         seconds = record["seconds"]
         extra = ""
+        if "val_accuracy" in record:
+            extra += f" - val_accuracy: {record['val_accuracy']:.4f}"
         if "test_accuracy" in record:
             loss, acc = record["test_loss"], record["test_accuracy"]
-            extra = f" - test_loss: {loss:.4f} - test_accuracy: {acc:.4f}"
+            extra += f" - test_loss: {loss:.4f} - test_accuracy: {acc:.4f}"
         ms = seconds * 1e3 / max(self.steps, 1)
         self._draw(
             self.steps,

@@ -20,6 +20,13 @@ def check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path
                 f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
                 "or --restart / another --workdir to start over"
             )
+    schedule = saved["config"].get("schedule", "constant")
+    if schedule != "constant" and saved["config"].get("epochs") != config.epochs:
+        raise ValueError(
+            f"--epochs is {config.epochs} but the run in {workdir} used "
+            f"{saved['config'].get('epochs')}, and its {schedule} learning rate schedule spans "
+            "them: use the same --epochs to resume, or --restart / another --workdir"
+        )
     if saved.get("data_fingerprint") != fingerprint:
         raise ValueError(
             f"the data differs from the run in {workdir} (other files or labels): resume with "
@@ -84,7 +91,7 @@ class RunStore:
         state, meta = restore_latest(self.checkpoints, template, fallback, say, check)
         return Resumed(state, Position(meta["epoch"], meta["step_in_epoch"]), meta["epochs"])
 
-    def save(self, position: Position, state, epochs, test_accuracy=None) -> None:
+    def save(self, position: Position, state, epochs, val_accuracy=None) -> None:
         meta = {
             "config": dataclasses.asdict(self.config),
             "num_classes": self.num_classes,
@@ -94,7 +101,17 @@ class RunStore:
             "data_fingerprint": self.fingerprint,
         }
         step = position.global_step(self.steps_per_epoch)
-        self.checkpoints.save(step, state, meta, test_accuracy)
+        self.checkpoints.save(step, state, meta, val_accuracy)
+
+    def best(self, template):
+        """(validation accuracy, epoch, weights) of the checkpoint best on the validation split;
+        None when no checkpoint has a validation score."""
+        step = self.checkpoints.best_step()
+        meta = self.checkpoints.read_meta(step) if step is not None else {}
+        if meta.get("val_accuracy") is None:
+            return None
+        state, meta = self.checkpoints.restore(step, template)
+        return meta["val_accuracy"], meta["epoch"], state.weights
 
     def has(self, position: Position) -> bool:
         return position.global_step(self.steps_per_epoch) in self.checkpoints.steps()

@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from cnn_jax import augment as augment_lib
 from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
@@ -33,21 +35,49 @@ def stream_key(seed, name: str) -> jax.Array:
     return jax.random.split(jax.random.key(seed), len(STREAMS))[STREAMS.index(name)]
 
 
+def step_key(seed, name: str, step) -> jax.Array:
+    """Step `step`'s key of a stream: from the seed and the global step, so a resume needs no
+    state."""
+    return jax.random.fold_in(stream_key(seed, name), step)
+
+
 def dropout_key(seed, step) -> jax.Array:
-    """Step `step`'s dropout key: from the seed and the global step, so a resume needs no state."""
-    return jax.random.fold_in(stream_key(seed, "dropout"), step)
+    return step_key(seed, "dropout", step)
+
+
+def member_seeds(config: Config):
+    """The seed each network trains from: the run's, or seed..seed+N-1 for an ensemble of N."""
+    if config.ensemble == 1:
+        return config.seed
+    return np.arange(config.seed, config.seed + config.ensemble, dtype=np.int32)
 
 
 class TrainState(NamedTuple):
+    """One network's training state, or an ensemble's with a leading member axis on each."""
+
     params: Any  # nnx.State of the model's Params
     opt_state: Any
     step: jax.Array  # int32, steps taken since the start of training
     metrics: jax.Array  # float32[3]: sum of loss, correct predictions, images, this epoch
+    # nnx.State of the running batch-norm statistics; empty for Models 1 and 2
+    batch_stats: Any = None
+
+    @property
+    def weights(self):
+        """What inference needs: the parameters and the running statistics, as one nnx.State."""
+        return nnx.merge_state(self.params, self.batch_stats)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted mean categorical cross-entropy on logits (Keras: softmax + crossentropy)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, smoothing: float = 0.0
+) -> jax.Array:
+    """Weighted mean categorical cross-entropy on logits (Keras: softmax + crossentropy), with
+    `smoothing` of the one-hot targets spread evenly over the classes."""
+    if smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -64,6 +94,9 @@ class Trainer:
     # The same network for inference; it may use another convolution formulation.
     infer_graphdef: Any = None
     precision: str | None = None  # jax.default_matmul_precision while tracing; None: JAX's
+    augment: augment_lib.Strengths | None = None  # None: train on the images as they are
+    label_smoothing: float = 0.0
+    members: int = 0  # an ensemble's size; 0: one network, no member axis
 
     @property
     def platform(self) -> str:
@@ -73,23 +106,34 @@ class Trainer:
     def predictor(self) -> Predictor:
         """The same network for inference and evaluation (it may use another convolution)."""
         return Predictor(
-            self.infer_graphdef or self.graphdef, self.pixels, self.mesh, self.precision
+            self.infer_graphdef or self.graphdef,
+            self.pixels,
+            self.mesh,
+            self.precision,
+            self.members,
         )
 
     def place(self, tree):
         """Copies arrays (a state, a data set) onto every device of the mesh."""
         return self.predictor.place(tree)
 
-    def apply(self, params, images, dropout_key=None):
-        """Float32 training logits of uint8 images (bf16 models compute in bf16, the loss not)."""
+    def apply(self, params, images, dropout_key=None, batch_stats=None):
+        """Float32 training logits of one network for uint8 (or 0..255 float) images (bf16
+        models compute in bf16, the loss not), and its batch statistics after the call."""
         x = data_lib.scale_pixels(images, self.pixels)
-        logits = nnx.merge(self.graphdef, params)(x, dropout_key=dropout_key)
-        return logits.astype(jnp.float32)
+        model = nnx.merge(self.graphdef, params, *([batch_stats] if batch_stats else []))
+        logits = model(x, dropout_key=dropout_key).astype(jnp.float32)
+        return logits, nnx.state(model, nnx.BatchStat)
 
-    def init_state(self, params) -> TrainState:
-        return TrainState(
-            params, self.tx.init(params), jnp.zeros([], jnp.int32), jnp.zeros(3, jnp.float32)
-        )
+    def init_state(self, params, batch_stats=None) -> TrainState:
+        """The state before the first step; with `members`, params have a member axis."""
+
+        def init(params, batch_stats):
+            zero = jnp.zeros([], jnp.int32)
+            return TrainState(params, self.tx.init(params), zero, jnp.zeros(3), batch_stats)
+
+        batch_stats = nnx.State({}) if batch_stats is None else batch_stats
+        return jax.vmap(init)(params, batch_stats) if self.members else init(params, batch_stats)
 
     def _compiled(self, fn, **jit_options):
         return compile_fn(fn, self.mesh, self.precision, **jit_options)
@@ -128,19 +172,32 @@ class Trainer:
         idx, weights = batch_of(order, i, self.batch_size, n)
         # Each device computes its slice of the batch; XLA sums the gradients across devices.
         x, y, weights = self.predictor.shard(images[idx], labels[idx], weights)
+        if self.members:  # every member on the same batch, each from its own seed
+            step = jax.vmap(self._member_step, in_axes=(0, None, None, None, 0))
+            return step(state, x, y, weights, seed)
+        return self._member_step(state, x, y, weights, seed)
+
+    def _member_step(self, state, x, y, weights, seed):
+        """One network's update on a batch; `seed` draws its dropout and augmentation."""
+        if self.augment is not None:
+            x = augment_lib.augment(step_key(seed, "augment", state.step), x, self.augment)
         key = dropout_key(seed, state.step)
 
-        def loss_fn(params):
-            logits = self.apply(params, x, key)
-            return cross_entropy(logits, y, weights), logits
+        # The statistics go in as an argument: NNX updates them only inside the trace that
+        # made them (and their gradient, zero, costs nothing).
+        def loss_fn(params, batch_stats):
+            logits, batch_stats = self.apply(params, x, key, batch_stats)
+            loss = cross_entropy(logits, y, weights, self.label_smoothing)
+            return loss, (logits, batch_stats)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (loss, (logits, batch_stats)), (grads, _) = grad_fn(state.params, state.batch_stats)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * weights)
         count = jnp.sum(weights)
         metrics = state.metrics + jnp.stack([loss * count, correct, count])
-        return TrainState(params, opt_state, state.step + 1, metrics)
+        return TrainState(params, opt_state, state.step + 1, metrics, batch_stats)
 
 
 def _network(config: Config, num_classes: int):
@@ -172,42 +229,31 @@ def _inference_conv(config: Config) -> str:
     return "lax" if config.conv == "auto" else config.conv
 
 
-def abstract_state(config: Config, num_classes: int) -> tuple[Predictor, TrainState]:
-    """The inference network for a config, and the shapes of its training state (a restore
-    template: nothing is initialised or allocated)."""
-    _, mesh, build = _network(config, num_classes)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: build(_inference_conv(config))))
-    tx = create_optimizer(config.optimizer, config.learning_rate)
-    state = TrainState(
-        params,
-        jax.eval_shape(tx.init, params),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((3,), jnp.float32),
-    )
-    precision = backend.matmul_precision(config.precision)
-    return Predictor(graphdef, config.pixels, mesh, precision), state
+def _initial_weights(config: Config, build, conv: str):
+    """(graphdef, params, batch_stats) from the seed's init stream; an ensemble's members are
+    stacked on a leading axis, each from its own seed."""
+
+    def weights(seed):
+        return nnx.split(build(conv, stream_key(seed, "init")), nnx.Param, nnx.BatchStat)[1:]
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: build(conv)))[0]
+    seeds = member_seeds(config)
+    params, batch_stats = jax.vmap(weights)(seeds) if config.ensemble > 1 else weights(seeds)
+    return graphdef, params, batch_stats
 
 
-def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
-    """The Trainer and the initial state for a config.
-
-    `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call).
-    """
-    platform, mesh, build = _network(config, num_classes)
-    parallel.check_batch(config.batch_size, mesh)
-    graphdef, params = nnx.split(build(config.conv, stream_key(config.seed, "init")))
-    infer_conv = _inference_conv(config)
-    # Another formulation for inference needs only its graph: no second set of weights.
-    infer_graphdef = (
-        graphdef
-        if infer_conv == config.conv
-        else nnx.split(nnx.eval_shape(lambda: build(infer_conv)))[0]
-    )
-    tx = create_optimizer(config.optimizer, config.learning_rate)
-    per_call = backend.steps_per_call(
-        config.steps_per_call, platform, steps_per_epoch, config.batch_size
-    )
-    trainer = Trainer(
+def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> Trainer:
+    strengths = None
+    if config.augment:
+        strengths = augment_lib.Strengths(
+            config.aug_rotate,
+            config.aug_scale,
+            config.aug_shear,
+            config.aug_shift,
+            config.aug_brightness,
+            config.aug_contrast,
+        )
+    return Trainer(
         graphdef,
         tx,
         config.pixels,
@@ -216,5 +262,45 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
         per_call,
         infer_graphdef,
         backend.matmul_precision(config.precision),
+        strengths,
+        config.label_smoothing,
+        config.ensemble if config.ensemble > 1 else 0,
     )
-    return trainer, trainer.place(trainer.init_state(params))
+
+
+def abstract_state(config: Config, num_classes: int) -> tuple[Predictor, TrainState]:
+    """The inference network for a config, and the shapes of its training state (a restore
+    template: nothing is initialised or allocated)."""
+    _, mesh, build = _network(config, num_classes)
+    conv = _inference_conv(config)
+    graphdef = nnx.split(nnx.eval_shape(lambda: build(conv)))[0]
+    trainer = _trainer(config, create_optimizer(config), mesh, graphdef, graphdef)
+
+    def initial():
+        _, params, batch_stats = _initial_weights(config, build, conv)
+        return trainer.init_state(params, batch_stats)
+
+    return trainer.predictor, jax.eval_shape(initial)
+
+
+def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
+    """The Trainer and the initial state for a config.
+
+    `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call) and the schedule.
+    """
+    platform, mesh, build = _network(config, num_classes)
+    parallel.check_batch(config.batch_size, mesh)
+    graphdef, params, batch_stats = _initial_weights(config, build, config.conv)
+    infer_conv = _inference_conv(config)
+    # Another formulation for inference needs only its graph: no second set of weights.
+    infer_graphdef = (
+        graphdef
+        if infer_conv == config.conv
+        else nnx.split(nnx.eval_shape(lambda: build(infer_conv)))[0]
+    )
+    per_call = backend.steps_per_call(
+        config.steps_per_call, platform, steps_per_epoch, config.batch_size
+    )
+    tx = create_optimizer(config, steps_per_epoch)
+    trainer = _trainer(config, tx, mesh, graphdef, infer_graphdef, per_call)
+    return trainer, trainer.place(trainer.init_state(params, batch_stats))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -22,7 +23,7 @@ from cnn_jax.models import count_params
 from cnn_jax.predictor import ceil_div, evaluate
 from cnn_jax.report import Progress
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
-from cnn_jax.steps import Trainer, create_trainer
+from cnn_jax.steps import Trainer, create_trainer, member_seeds
 
 
 def fit(
@@ -42,26 +43,27 @@ def fit(
     a workdir that already holds checkpoints is resumed from its latest one. `should_stop()`
     is polled after every compiled call; when it returns True a checkpoint is saved and
     `Interrupted` is raised.
+
+    With `config.val_size` the weights of the epoch best on the validation split are the
+    result (tested, returned in `metrics`, and the checkpoint `evaluate RUN` uses); without,
+    those of the last epoch.
     """
     num_classes = _num_classes(config, dataset)
-    train_idx, test_idx = data_lib.split_indices(
-        dataset.labels, config.test_size, config.seed, config.split, dataset.paths
-    )
+    train_idx, val_idx, test_idx = split_run(config, dataset)
     steps_per_epoch = ceil_div(len(train_idx), config.batch_size)
     trainer, state = create_trainer(config, num_classes, steps_per_epoch)
-    train_images, train_labels, test_images, test_labels = trainer.place(
-        (
-            dataset.images[train_idx],
-            dataset.labels[train_idx],
-            dataset.images[test_idx],
-            dataset.labels[test_idx],
+    train_images, train_labels, val_images, val_labels, test_images, test_labels = trainer.place(
+        tuple(
+            a[i] for i in (train_idx, val_idx, test_idx) for a in (dataset.images, dataset.labels)
         )
     )
     metrics = {
         "model": config.model,
-        "params": count_params(nnx.merge(trainer.graphdef, state.params)),
+        "params": count_params(nnx.merge(trainer.graphdef, state.weights)) // config.ensemble,
+        "ensemble": config.ensemble,
         "num_classes": num_classes,
         "n_train": len(train_idx),
+        "n_val": len(val_idx),
         "n_test": len(test_idx),
         "skipped_files": [{"path": p, "reason": r} for p, r in dataset.skipped],
         **_device_record(trainer, config),
@@ -86,7 +88,7 @@ def fit(
                 f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
         config.write(store.workdir / "config.json")
 
-    step_ms = []
+    step_ms, best = [], None  # best: (val accuracy, epoch, host weights)
     for epoch in range(position.epoch, config.epochs):
         start = position.step_in_epoch if epoch == position.epoch else 0
         progress = Progress(epoch, config.epochs, steps_per_epoch, verbose)
@@ -104,7 +106,7 @@ def fit(
         t0 = time.perf_counter()
         order = epoch_order(config.seed, epoch, len(train_idx))
         state, ms, done, stopped = train_epoch(
-            trainer, state, train_images, train_labels, order, config.seed,
+            trainer, state, train_images, train_labels, order, member_seeds(config),
             start=start, between_calls=between_calls,
         )  # fmt: skip
         # The run's first call compiles: left out, also when an epoch is one call.
@@ -116,16 +118,30 @@ def fit(
             progress.interrupt()
             _interrupted(store, where, steps_per_epoch)
         record = _epoch_record(state, time.perf_counter() - t0)
+        if len(val_idx):
+            ev = evaluate(trainer.predictor, state.weights, val_images, val_labels)
+            record.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+            if best is None or ev["accuracy"] >= best[0]:  # a tie: the later, as in best_step
+                best = (ev["accuracy"], epoch + 1, jax.device_get(state.weights))
         if config.eval_every_epoch or store is not None:
-            ev = evaluate(trainer.predictor, state.params, test_images, test_labels)
+            ev = evaluate(trainer.predictor, state.weights, test_images, test_labels)
             record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         progress.close(record)
         metrics["epochs"].append(record)
         if store is not None:
-            store.save(Position(epoch + 1, 0), state, metrics["epochs"], record["test_accuracy"])
+            store.save(Position(epoch + 1, 0), state, metrics["epochs"], record.get("val_accuracy"))
         if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
             _interrupted(store, Position(epoch + 1, 0), steps_per_epoch)
-    ev = evaluate(trainer.predictor, state.params, test_images, test_labels)
+    weights, metrics["selected_epoch"] = state.weights, config.epochs
+    if len(val_idx):
+        # The checkpoints know the epochs before a resume too; without them, memory does.
+        best = (store.best(state) if store is not None else None) or best
+        if best is not None:
+            weights, metrics["selected_epoch"] = trainer.predictor.place(best[2]), best[1]
+            metrics["val_accuracy"] = best[0]
+    ev = evaluate(trainer.predictor, weights, test_images, test_labels)
+    if "member_accuracy" in ev:
+        metrics["member_test_accuracy"] = ev["member_accuracy"]
     metrics.update(
         test_loss=ev["loss"],
         test_accuracy=ev["accuracy"],
@@ -140,6 +156,22 @@ def fit(
     return state, metrics
 
 
+def split_run(config: Config, dataset: data_lib.Dataset):
+    """(train, validation, test) indices: the test split, then `val_size` of the training side
+    (whole tracks with --split track) for validation; the validation set is empty without it."""
+    train, test = data_lib.split_indices(
+        dataset.labels, config.test_size, config.seed, config.split, dataset.paths
+    )
+    if not config.val_size:
+        return train, train[:0], test
+    # Its own random stream: the same seed would shuffle the training side as it did the set.
+    fit, val = data_lib.split_indices(
+        dataset.labels[train], config.val_size, [config.seed, 1], config.split,
+        dataset.paths[train],
+    )  # fmt: skip
+    return train[fit], train[val], test
+
+
 def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
     num_classes = config.num_classes or dataset.num_classes
     if dataset.num_classes > num_classes:
@@ -151,7 +183,8 @@ def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
 
 
 def _epoch_record(state, seconds: float) -> dict[str, float]:
-    loss_sum, correct, count = np.asarray(state.metrics)
+    # An ensemble's rows, one per member, add up to its members' mean loss and accuracy.
+    loss_sum, correct, count = np.asarray(state.metrics).reshape(-1, 3).sum(0)
     return {
         "train_loss": float(loss_sum / count),
         "train_accuracy": float(correct / count),

@@ -6,6 +6,8 @@ cnn_jax never imports this package: pyproject.toml names `register` under the en
 
 import argparse
 
+from cnn_jax.config import PIXELS
+
 
 def _convert():
     try:
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a new folder for the checkpoint")
     p.add_argument(
         "--pixels",
-        choices=("raw", "unit"),
+        choices=PIXELS,
         default="raw",
         help="the scaling the model was trained on (the tutorial's: raw 0..255)",
     )

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from cnn_jax.checkpoint import Checkpoints
-from cnn_jax.config import Config
+from cnn_jax.config import PIXELS, Config
 from cnn_jax.inference import load_checkpoint
 from cnn_jax.steps import create_trainer
 from keras_ref.models import create_model
@@ -25,7 +25,10 @@ _SIGNATURE = {
     "Flatten": (),
     "Dense": ("units", "activation", "use_bias"),
     "Dropout": (),
+    "BatchNormalization": ("epsilon", "center", "scale"),
+    "ReLU": ("max_value", "negative_slope", "threshold"),
 }
+MODELS = (1, 2, 3)
 
 
 class ConversionError(ValueError):
@@ -57,13 +60,13 @@ def _first_difference(net: keras.Model, ref: keras.Model) -> str | None:
 
 
 def identify(net: keras.Model) -> int:
-    """1 or 2: which tutorial network `net` is, by its layers (names do not matter)."""
+    """1, 2 or 3: which network `net` is, by its layers (names do not matter)."""
     shape = net.input_shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ConversionError(f"input shape {shape} is not (None, S, S, 3)")
     num_classes = net.layers[-1].get_config().get("units")
     differences = {}
-    for model in (1, 2):
+    for model in MODELS:
         try:
             ref = create_model(model, shape[1], num_classes or 1)
         except ValueError as e:
@@ -73,25 +76,52 @@ def identify(net: keras.Model) -> int:
         if differences[model] is None:
             return model
     # Name the difference of the closer candidate: the one whose first block matches longer.
-    model = 2 if len(net.layers) > 6 else 1
-    raise ConversionError(f"not the tutorial's Model {model}: {differences[model]}")
+    if any(type(layer).__name__ == "BatchNormalization" for layer in net.layers):
+        model = 3
+    else:
+        model = 2 if len(net.layers) > 6 else 1
+    who = "Model 3" if model == 3 else f"the tutorial's Model {model}"
+    raise ConversionError(f"not {who}: {differences[model]}")
+
+
+# Model 3's arrays in Keras' order per layer, by the names cnn_jax gives them.
+_CONV3 = ("kernel",)
+_NORM3 = ("scale", "bias", "mean", "var")  # gamma, beta, moving mean, moving variance
+_STATS = ("mean", "var")
+
+
+def _layer_names(model: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(cnn_jax path, array names) of each Keras layer that has weights, in order."""
+    dense = [("dense1", ("kernel", "bias")), ("logits", ("kernel", "bias"))]
+    if model == 3:
+        blocks = [(f"convs/{i}", _CONV3) for i in range(3)]
+        norms = [(f"norms/{i}", _NORM3) for i in range(3)]
+        return [x for pair in zip(blocks, norms) for x in pair] + dense
+    return [(f"conv{i}", ("kernel", "bias")) for i in range(1, model + 1)] + dense
 
 
 def keras_weights(net: keras.Model, model: int) -> dict[str, dict[str, np.ndarray]]:
-    """{'conv1': {'kernel', 'bias'}, ...} from a Keras model of the given architecture."""
-    names = ["conv1", "conv2", "dense1", "logits"] if model == 2 else ["conv1", "dense1", "logits"]
+    """{'conv1': {'kernel', 'bias'}, ...} from a Keras model of the given architecture
+    (Model 3: {'convs/0': {'kernel'}, 'norms/0': {'scale', 'bias', 'mean', 'var'}, ...})."""
     layers = [layer for layer in net.layers if layer.weights]
     return {
-        name: {"kernel": np.asarray(layer.kernel.numpy()), "bias": np.asarray(layer.bias.numpy())}
-        for name, layer in zip(names, layers, strict=True)
+        path: {name: np.asarray(w.numpy()) for name, w in zip(names, layer.weights, strict=True)}
+        for (path, names), layer in zip(_layer_names(model), layers, strict=True)
     }
 
 
 def set_keras_weights(state, net: keras.Model, model: int) -> None:
-    """Overwrites `state.params` in place with the Keras model's weights."""
-    params = nnx.to_pure_dict(state.params)
-    params.update(keras_weights(net, model))
+    """Overwrites the state's parameters and batch statistics in place with the Keras model's."""
+    params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
+    for path, arrays in keras_weights(net, model).items():
+        for name, value in arrays.items():
+            tree = stats if name in _STATS else params
+            for key in path.split("/"):
+                tree = tree[int(key) if key.isdigit() else key]
+            tree[name] = value
     nnx.replace_by_pure_dict(state.params, params)
+    if stats:
+        nnx.replace_by_pure_dict(state.batch_stats, stats)
 
 
 def load_keras(path: Path | str) -> keras.Model:
@@ -109,8 +139,8 @@ def load_keras(path: Path | str) -> keras.Model:
 
 def import_keras(path: Path | str, ckpt_dir: Path | str, pixels: str = "raw") -> Path:
     """Writes the Keras model at `path` as a cnn_jax checkpoint (step 0) in `ckpt_dir`."""
-    if pixels not in ("raw", "unit"):
-        raise ConversionError(f"unknown pixel scaling {pixels!r}: choose raw or unit")
+    if pixels not in PIXELS:
+        raise ConversionError(f"unknown pixel scaling {pixels!r}: choose {', '.join(PIXELS)}")
     net = load_keras(path)
     model = identify(net)
     num_classes = int(net.layers[-1].get_config()["units"])
@@ -146,9 +176,18 @@ def to_keras(ckpt: Path | str) -> keras.Model:
     """The checkpoint's network as a compiled Keras model with its weights."""
     restored = load_checkpoint(ckpt)
     cfg = restored.config
+    if cfg.ensemble > 1:
+        raise ConversionError(
+            f"export-keras writes one network, and this is an ensemble of {cfg.ensemble}"
+        )
     net = create_model(cfg.model, cfg.image_size, restored.meta["num_classes"])
-    for name, arrays in nnx.to_pure_dict(restored.params).items():
-        net.get_layer(name).set_weights([np.asarray(arrays["kernel"]), np.asarray(arrays["bias"])])
+    weights = nnx.to_pure_dict(restored.params)
+    layers = [layer for layer in net.layers if layer.weights]
+    for (path, names), layer in zip(_layer_names(cfg.model), layers, strict=True):
+        tree = weights
+        for key in path.split("/"):
+            tree = tree[int(key) if key.isdigit() else key]
+        layer.set_weights([np.asarray(tree[name]) for name in names])
     return net
 
 

@@ -1,13 +1,16 @@
-"""The tutorial's Model 1 and Model 2 in Keras 3, layer for layer as in cnn_jax/models.py."""
+"""The tutorial's Model 1 and Model 2, and Model 3, in Keras 3, layer for layer as in
+cnn_jax/models.py."""
 
 import keras
 from keras import layers
 
 
 def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> keras.Sequential:
-    """The tutorial's `get_model()`, compiled as it compiles it."""
-    if model not in (1, 2):
-        raise ValueError(f"unknown model {model!r}: choose 1 or 2")
+    """The tutorial's `get_model()`, compiled as it compiles it (Model 3: cnn_jax's)."""
+    if model not in (1, 2, 3):
+        raise ValueError(f"unknown model {model!r}: choose 1, 2 or 3")
+    if model == 3:
+        return _model3(image_size, num_classes)
     blocks = [
         layers.Conv2D(32, (3, 3), activation="relu", name="conv1"),
         layers.MaxPooling2D(pool_size=(2, 2), name="pool1"),
@@ -27,6 +30,31 @@ def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> ker
             layers.Dense(num_classes, activation="softmax", name="logits"),
         ],
         name=f"model{model}",
+    )
+    compile_model(net)
+    return net
+
+
+def _model3(image_size: int, num_classes: int) -> keras.Sequential:
+    blocks = []
+    for i, filters in enumerate((32, 64, 128), start=1):
+        blocks += [
+            layers.Conv2D(filters, (3, 3), padding="same", use_bias=False, name=f"conv{i}"),
+            # Keras' defaults, which cnn_jax's Model 3 copies: momentum 0.99, epsilon 1e-3.
+            layers.BatchNormalization(name=f"norm{i}"),
+            layers.ReLU(name=f"relu{i}"),
+            layers.MaxPooling2D(pool_size=(2, 2), name=f"pool{i}"),
+        ]
+    net = keras.Sequential(
+        [
+            keras.Input(shape=(image_size, image_size, 3)),
+            *blocks,
+            layers.Flatten(name="flatten"),
+            layers.Dense(256, activation="relu", name="dense1"),
+            layers.Dropout(0.5, name="dropout"),
+            layers.Dense(num_classes, activation="softmax", name="logits"),
+        ],
+        name="model3",
     )
     compile_model(net)
     return net

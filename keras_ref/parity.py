@@ -18,6 +18,8 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     """A seeded Keras model and a cnn_jax Trainer and state holding the same weights."""
     keras.utils.set_random_seed(seed)
     net = create_model(model, image_size, num_classes)
+    if model == 3:
+        _randomise_batch_norm(net, seed)
     # Full float32 products: a GPU's default TF32 would loosen the comparison (NUMERICS.md).
     cfg = Config(
         model=model, image_size=image_size, dropout=dropout, pixels="unit", precision="highest"
@@ -25,6 +27,18 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     trainer, state = create_trainer(cfg, num_classes)
     set_keras_weights(state, net, model)
     return net, trainer, state
+
+
+def _randomise_batch_norm(net: keras.Model, seed: int) -> None:
+    """Batch norm starts as the identity (scale 1, shift 0, mean 0, variance 1), which would
+    hide a swapped or dropped array; seeded values in their ranges expose it."""
+    rng = np.random.default_rng(seed)
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            gamma, beta = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n)
+            mean, var = rng.normal(0, 0.1, n), rng.uniform(0.5, 2.0, n)
+            layer.set_weights([a.astype(np.float32) for a in (gamma, beta, mean, var)])
 
 
 def random_images(n: int, image_size: int = 30, seed: int = 0, flat: bool = False) -> np.ndarray:
@@ -41,7 +55,7 @@ def forward_difference(model: int, n: int = 64, seed: int = 0) -> dict:
     net, trainer, state = twins(model, seed=seed)
     images = random_images(n, seed=seed)
     x = images.astype(np.float32) / 255.0
-    ours = np.asarray(trainer.apply(state.params, images))
+    ours = np.asarray(trainer.predictor.apply(state.weights, images))
     theirs = np.asarray(logits_model(net)(x, training=False))
     return {
         "max_abs": float(np.max(np.abs(ours - theirs))),

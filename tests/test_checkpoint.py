@@ -75,15 +75,22 @@ def test_resume_with_many_steps_per_call_is_bit_identical(small, tmp_path):
     ]
 
 
-def test_keeps_latest_two_and_the_best(small, tmp_path):
-    cfg = Config(epochs=4, synthetic_per_class=20)
-    train.fit(cfg, small, tmp_path, verbose=False, save_every=5)
+def test_keeps_latest_two_and_the_best_on_validation(small, tmp_path):
+    cfg = Config(epochs=4, synthetic_per_class=20, val_size=0.2)
+    _, metrics = train.fit(cfg, small, tmp_path, verbose=False, save_every=4)
     store = Checkpoints(tmp_path)
     best = store.best_step()
-    accs = {s: store.read_meta(s)["test_accuracy"] for s in store.steps()}
-    assert store.steps()[-2:] == [65, 68]  # step 65 is a --save-every save, 68 the last epoch
-    assert set(store.steps()) - {65, 68} <= {best}
+    accs = {s: store.read_meta(s)["val_accuracy"] for s in store.steps()}
+    spe = -(-metrics["n_train"] // 32)
+    assert store.steps()[-2:] == [4 * spe - 4, 4 * spe]  # a --save-every save, the last epoch
+    assert set(store.steps()) - {4 * spe - 4, 4 * spe} <= {best}
     assert accs[best] == max(a for a in accs.values() if a is not None)
+
+
+def test_without_validation_no_checkpoint_is_picked_by_the_test_split(small, tmp_path):
+    train.fit(Config(epochs=3, synthetic_per_class=20), small, tmp_path, verbose=False)
+    store = Checkpoints(tmp_path)
+    assert store.steps() == [34, 51] and store.best_step() == 51
 
 
 def test_changing_a_setting_on_resume_names_it(small, tmp_path):

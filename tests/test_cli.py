@@ -133,4 +133,4 @@ def test_config_choices_are_the_implementations():
     from cnn_jax import config, models, optim
 
     assert set(config.DTYPES) == set(models.DTYPES)
-    assert set(config.OPTIMIZERS) == set(optim.OPTIMIZERS)
+    assert set(config.OPTIMIZERS) == set(optim.DIRECTIONS)

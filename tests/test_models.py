@@ -53,6 +53,6 @@ def test_dropout_only_with_a_key():
 
 def test_bad_model_choices_are_errors():
     with pytest.raises(ValueError, match="unknown model"):
-        create_model(3)
+        create_model(4)
     with pytest.raises(ValueError, match="too small"):
         create_model(2, image_size=8)

@@ -1,5 +1,7 @@
 """Keras-exact Adam against a NumPy transcription of keras/src/optimizers/adam.py."""
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -44,4 +46,4 @@ def test_keras_adam_matches_keras_formula(scale):
 
 def test_unknown_optimizer_is_an_error():
     with pytest.raises(ValueError, match="unknown optimizer"):
-        create_optimizer("sgd", 0.1)
+        create_optimizer(types.SimpleNamespace(optimizer="sgd"))

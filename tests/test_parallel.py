@@ -77,7 +77,7 @@ def test_calls_on_several_cpu_devices_return_finished(tiny):
     state = trainer.train_step(state, images, labels, order, 64, 0, 0)
     assert state.metrics.is_ready() and state.params["conv1"]["bias"][...].is_ready()
     eval_order = trainer.place(predictor.padded_order(np.arange(64), trainer.predictor.eval_batch))
-    sums, _ = trainer.predictor.eval_step(state.params, images, labels, eval_order, 64, 0)
+    sums, _, _ = trainer.predictor.eval_step(state.params, images, labels, eval_order, 64, 0)
     assert sums.is_ready()
 
 

@@ -38,7 +38,7 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-@pytest.mark.parametrize("model", [1, 2])
+@pytest.mark.parametrize("model", [1, 2, 3])
 def test_forward_matches_keras(model):
     d = parity.forward_difference(model)
     assert d["max_abs"] < 1e-5, d
@@ -139,6 +139,25 @@ def test_a_tutorial_keras_file_imports_evaluates_and_exports(tmp_path, capsys):
     back = keras.saving.load_model(tmp_path / "back.keras")
     for a, b in zip(net.get_weights(), back.get_weights()):
         np.testing.assert_array_equal(a, b)  # bit for bit
+
+
+def test_model_3_round_trips_through_keras_with_its_batch_norm(tmp_path):
+    from cnn_jax.inference import load_checkpoint
+    from cnn_jax.predictor import evaluate
+    from keras_ref import parity
+
+    net, _, _ = parity.twins(3, image_size=32)
+    net.save(tmp_path / "m3.keras")
+    convert.import_keras(tmp_path / "m3.keras", tmp_path / "ck", pixels="unit")
+    restored = load_checkpoint(tmp_path / "ck", platform="cpu")
+    assert restored.config.model == 3 and restored.param_count() == net.count_params() - 448
+    images = parity.random_images(32, 32)
+    theirs = net.predict(images.astype(np.float32) / 255, verbose=0).argmax(-1)
+    ev = evaluate(restored.predictor, restored.params, images, theirs)
+    assert ev["accuracy"] == 1.0  # every prediction as Keras makes it, batch norm included
+    back = convert.to_keras(tmp_path / "ck")
+    for a, b in zip(net.get_weights(), back.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # moving mean and variance too, bit for bit
 
 
 def test_legacy_h5_imports(tmp_path):

@@ -1,0 +1,72 @@
+"""Random geometric and photometric changes of training images, on the device inside the step.
+
+Each image gets its own small random affine map (rotation, scaling, shear, translation) and
+brightness and contrast change, drawn from a key the step derives from the run's seed and the
+global step, so a resumed run draws the same changes. No mirror flips: a left-turn sign
+mirrored is a right-turn sign, another class.
+
+The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
+at a time: dm-pix's `affine_transform` gives the same values (to 3e-5 of 255) but interpolates
+across channels as a third axis, and took 60 ms per batch of 64 on CPU against 2.8 ms.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy import ndimage
+
+
+@dataclasses.dataclass(frozen=True)
+class Strengths:
+    """The largest change of each kind; each image draws uniformly within ±strength."""
+
+    rotate: float = 15.0  # degrees
+    scale: float = 0.1  # fraction of the size
+    shear: float = 0.1  # shear factor (tan of the shear angle)
+    shift: float = 0.1  # fraction of the side
+    brightness: float = 0.2  # fraction of full scale, added
+    contrast: float = 0.2  # fraction, the spread around the image mean is multiplied by 1 ± it
+
+
+def _pull_matrix(key: jax.Array, side: int, s: Strengths) -> jax.Array:
+    """A 2x3 map from output (row, col, 1) to input coordinates, about the centre.
+
+    The draws are symmetric about the identity, so drawing the pull (inverse) map directly
+    gives the same distribution of changes as drawing the push map and inverting it.
+    """
+    k = jax.random.split(key, 5)
+    u = lambda i, amp: jax.random.uniform(k[i], (), minval=-amp, maxval=amp)  # noqa: E731
+    angle = u(0, math.radians(s.rotate))
+    zoom = 1.0 + u(1, s.scale)
+    shear = u(2, s.shear)
+    shift = jnp.stack([u(3, s.shift), u(4, s.shift)]) * side
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    linear = jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, shear], [0.0, 1.0]]) / zoom
+    centre = jnp.full(2, (side - 1) / 2)
+    offset = centre - linear @ centre + shift
+    return jnp.concatenate([linear, offset[:, None]], axis=1)
+
+
+def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
+    k_geom, k_bright, k_contrast = jax.random.split(key, 3)
+    h, w, channels = image.shape
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                              indexing="ij")  # fmt: skip
+    pull = _pull_matrix(k_geom, h, s)
+    coords = [pull[i, 0] * rows + pull[i, 1] * cols + pull[i, 2] for i in range(2)]
+    image = jnp.stack(
+        [ndimage.map_coordinates(image[..., c], coords, order=1, mode="nearest")
+         for c in range(channels)], axis=-1,
+    )  # fmt: skip
+    mean = jnp.mean(image)
+    factor = 1.0 + jax.random.uniform(k_contrast, (), minval=-s.contrast, maxval=s.contrast)
+    delta = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness) * 255.0
+    return jnp.clip((image - mean) * factor + mean + delta, 0.0, 255.0)
+
+
+def augment(key: jax.Array, images: jax.Array, strengths: Strengths) -> jax.Array:
+    """Float32 images in 0..255 (uint8 or float NHWC in), each changed at random."""
+    keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(lambda k, x: _one(k, x, strengths))(keys, images.astype(jnp.float32))

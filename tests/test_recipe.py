@@ -1,0 +1,255 @@
+"""Beyond the tutorial: augmentation, Model 3 with batch norm, the recipe, ensembles, validation."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import augment, checkpoint, config, data, models, steps, train
+from cnn_jax.checkpoint import Checkpoints
+from cnn_jax.cli import main
+from cnn_jax.config import Config as _Config
+from cnn_jax.inference import load_checkpoint
+from cnn_jax.predictor import evaluate
+
+Config = functools.partial(_Config, platform="cpu", devices=1)
+# Model 3 with every new part switched on, small enough for seconds per epoch.
+STRONG = Config(
+    model=3,
+    epochs=2,
+    batch_size=32,
+    synthetic_per_class=12,
+    pixels="standard",
+    augment=True,
+    schedule="cosine",
+    warmup_epochs=0.5,
+    weight_decay=5e-4,
+    label_smoothing=0.1,
+)
+
+
+@pytest.fixture(scope="module")
+def small():
+    from cnn_jax.synthetic import make_synthetic
+
+    return make_synthetic(STRONG.synthetic_per_class)
+
+
+def _images(n=8, size=30, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_augmentation_keeps_shape_and_range_and_follows_its_key():
+    images = _images()
+    key = jax.random.key(3)
+    out = np.asarray(augment.augment(key, images, augment.Strengths()))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, images, atol=1)  # it does change the images
+    again = np.asarray(augment.augment(key, images, augment.Strengths()))
+    np.testing.assert_array_equal(out, again)
+    other = np.asarray(augment.augment(jax.random.key(4), images, augment.Strengths()))
+    assert not np.array_equal(out, other)
+
+
+def test_augmentation_of_zero_strength_is_the_identity():
+    images = _images()
+    zero = augment.Strengths(0, 0, 0, 0, 0, 0)
+    out = np.asarray(augment.augment(jax.random.key(0), images, zero))
+    np.testing.assert_allclose(out, images, atol=1e-3)
+
+
+def test_augmentation_never_mirrors():
+    # A left-right gradient image: a flip would turn its column means around.
+    ramp = np.broadcast_to(np.linspace(0, 255, 30)[None, :, None], (30, 30, 3))
+    images = np.repeat(ramp[None].astype(np.uint8), 64, axis=0)
+    strengths = augment.Strengths(brightness=0, contrast=0)
+    out = np.asarray(augment.augment(jax.random.key(1), images, strengths))
+    cols = out.mean(axis=(1, 3))
+    assert np.all(cols[:, -5:].mean(1) > cols[:, :5].mean(1))
+
+
+def test_standard_pixels_have_zero_mean_and_unit_spread():
+    x = data.scale_pixels(_images(), "standard")
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-4)
+    flat = data.scale_pixels(np.full((1, 4, 4, 3), 9, np.uint8), "standard")
+    assert np.all(np.isfinite(flat)) and np.all(flat == 0)
+
+
+def test_model_3_shape_and_parameter_count():
+    model = models.create_model(3, image_size=32, num_classes=43)
+    assert models.count_params(model) == 629_067
+    x = jnp.zeros((2, 32, 32, 3))
+    assert model(x).shape == (2, 43)
+    with pytest.raises(ValueError, match="too small for model 3"):
+        models.create_model(3, image_size=7)
+
+
+def test_model_3_evaluates_with_running_statistics(small):
+    """In evaluation an image's logits do not depend on the rest of its batch."""
+    trainer, state = steps.create_trainer(STRONG, 43)
+    state = trainer.train_step(state, *trainer.place((small.images, small.labels)),
+                               trainer.place(np.arange(32, dtype=np.int32)), 32, 0, 0)  # fmt: skip
+    stats = jax.tree.leaves(state.batch_stats)
+    assert len(stats) == 6 and any(np.abs(np.asarray(s)).sum() > 0 for s in stats[::2])
+    images = trainer.place(small.images[:16])
+    alone = trainer.predictor.apply(state.weights, images[:1])
+    together = trainer.predictor.apply(state.weights, images)
+    np.testing.assert_allclose(alone[0], together[0], rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_sets_its_options_and_given_ones_win():
+    cfg = config.with_recipe("strong", model=3, epochs=3)
+    assert cfg.augment and cfg.schedule == "cosine" and cfg.image_size == 32
+    assert cfg.epochs == 3 and cfg.recipe == "strong"
+    assert config.with_recipe(None) == _Config()
+
+
+def test_cli_recipe_is_overridable(tmp_path, capsys):
+    args = ["train", "--model", "3", "--recipe", "strong", "--epochs", "1", "--image-size", "16"]
+    args += ["--synthetic-per-class", "2", "--platform", "cpu", "--workdir", str(tmp_path)]
+    assert main(args + ["--quiet"]) == 0
+    saved = config.Config(**json.loads((tmp_path / "config.json").read_text()))
+    assert saved.epochs == 1 and saved.image_size == 16  # given
+    assert saved.augment and saved.label_smoothing == 0.1  # from the recipe
+
+
+def test_resume_is_bit_identical_with_augmentation_and_batch_norm(small, tmp_path):
+    ref, ref_metrics = train.fit(STRONG, small, verbose=False)
+    stop = iter(range(1, 100))
+    with pytest.raises(train.Interrupted):
+        train.fit(STRONG, small, tmp_path, verbose=False, should_stop=lambda: next(stop) == 5)
+    state, metrics = train.fit(STRONG, small, tmp_path, verbose=False)
+    assert checkpoint.params_digest(state.weights) == checkpoint.params_digest(ref.weights)
+    assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+
+
+def test_batch_norm_statistics_are_saved_and_restored(small, tmp_path):
+    state, metrics = train.fit(dataclasses.replace(STRONG, epochs=1), small, tmp_path,
+                               verbose=False)  # fmt: skip
+    restored = load_checkpoint(tmp_path)
+    saved = {k: v for k, v in checkpoint.flatten(restored.params).items() if "norms" in k}
+    trained = {k: v for k, v in checkpoint.flatten(state.weights).items() if "norms" in k}
+    assert any("mean" in k for k in saved) and saved.keys() == trained.keys()
+    for k in saved:
+        np.testing.assert_array_equal(saved[k], trained[k])
+    means = [v for k, v in saved.items() if k.endswith("mean/value")]
+    assert all(np.abs(m).sum() > 0 for m in means)  # trained, not the initial zeros
+    ev = evaluate(restored.predictor, restored.params, small.images, small.labels)
+    ref = evaluate(restored.predictor, restored.predictor.place(jax.device_get(state.weights)),
+                   small.images, small.labels)  # fmt: skip
+    assert ev["accuracy"] == ref["accuracy"]
+
+
+def test_cosine_run_refuses_to_resume_with_other_epochs(small, tmp_path):
+    cfg = dataclasses.replace(STRONG, epochs=1, augment=False)
+    train.fit(cfg, small, tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="cosine learning rate schedule spans"):
+        train.fit(dataclasses.replace(cfg, epochs=2), small, tmp_path, verbose=False)
+
+
+def _ensemble(k, **kw):
+    return dataclasses.replace(STRONG, ensemble=k, **kw)
+
+
+def test_an_ensemble_of_identical_members_equals_one_member(small):
+    one_trainer, one = steps.create_trainer(STRONG, 43, 1)
+    trainer, _ = steps.create_trainer(_ensemble(3), 43, 1)
+    stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 3), tree)  # noqa: E731
+    state = trainer.place(stack(one))
+    images, labels = trainer.place((small.images, small.labels))
+    order = trainer.place(np.arange(64, dtype=np.int32))
+    state = trainer.train_step(state, images, labels, order, 64, 0, np.zeros(3, np.int32))
+    one = one_trainer.train_step(one, images, labels, order, 64, 0, 0)
+    # The same seed draws the same augmentation and dropout: members stay equal, bit for bit,
+    # and the batched step computes what one network's does (Adam's first steps turn float
+    # rounding in tiny gradients into lr-sized differences, so the loss is compared).
+    for leaf in jax.tree.leaves(state.weights):
+        assert all(np.array_equal(leaf[0], leaf[m]) for m in (1, 2))
+    np.testing.assert_allclose(state.metrics[0], one.metrics, rtol=1e-6)
+    member = jax.tree.map(lambda a: a[0], state.weights)
+    probs = trainer.predictor.probabilities(state.weights, images[:20])
+    single = one_trainer.predictor.probabilities(member, images[:20])
+    np.testing.assert_allclose(probs, single, rtol=1e-5, atol=1e-7)
+    ev = evaluate(trainer.predictor, state.weights, small.images, small.labels)
+    ev_one = evaluate(one_trainer.predictor, member, small.images, small.labels)
+    assert ev["accuracy"] == ev_one["accuracy"] == ev["member_accuracy"][0]
+    np.testing.assert_allclose(ev["loss"], ev_one["loss"], rtol=1e-5)
+
+
+def test_ensemble_members_differ_and_resume_exactly(small, tmp_path):
+    cfg = _ensemble(2)
+    ref, ref_metrics = train.fit(cfg, small, verbose=False)
+    a, b = (jax.tree.leaves(ref.params)[0][m] for m in range(2))
+    assert not np.allclose(a, b)  # seeds 0 and 1
+    assert len(ref_metrics["member_test_accuracy"]) == 2
+    stop = iter(range(1, 100))
+    with pytest.raises(train.Interrupted):
+        train.fit(cfg, small, tmp_path, verbose=False, should_stop=lambda: next(stop) == 7)
+    state, metrics = train.fit(cfg, small, tmp_path, verbose=False)
+    assert checkpoint.params_digest(state.weights) == checkpoint.params_digest(ref.weights)
+    assert metrics["member_test_accuracy"] == ref_metrics["member_test_accuracy"]
+    restored = load_checkpoint(tmp_path)
+    assert restored.predictor.members == 2 and restored.param_count() == metrics["params"]
+
+
+def test_validation_split_is_carved_from_the_training_side():
+    paths = np.array([f"{c}/{t:05d}_{i:05d}.ppm" for c in range(3) for t in range(10)
+                      for i in range(5)])  # fmt: skip
+    labels = np.array([int(p.split("/")[0]) for p in paths])
+    ds = data.Dataset(np.zeros((len(labels), 2, 2, 3), np.uint8), labels, paths, ())
+    cfg = Config(split="track", val_size=0.25, test_size=0.3)
+    tr, val, te = train.split_run(cfg, ds)
+    assert len(set(tr) | set(val) | set(te)) == len(labels)
+    assert not (set(tr) & set(val)) and not (set(val) & set(te)) and not (set(tr) & set(te))
+    tracks = lambda idx: {p.rsplit("_", 1)[0] for p in paths[idx]}  # noqa: E731
+    assert not (tracks(tr) & tracks(val)) and not (tracks(val) & tracks(te))
+    _, test_only = data.split_indices(labels, 0.3, cfg.seed, "track", paths)
+    np.testing.assert_array_equal(te, test_only)  # the test split is the one without --val-size
+
+
+def test_best_epoch_on_validation_is_the_runs_model(small, tmp_path):
+    cfg = dataclasses.replace(STRONG, epochs=3, augment=False, val_size=0.3)
+    state, metrics = train.fit(cfg, small, tmp_path, verbose=False)
+    vals = [e["val_accuracy"] for e in metrics["epochs"]]
+    best = len(vals) - int(np.argmax(vals[::-1]))  # on a tie, the later epoch
+    assert metrics["selected_epoch"] == best and metrics["val_accuracy"] == max(vals)
+    store = Checkpoints(tmp_path, read_only=True)
+    assert store.read_meta(store.best_step())["epoch"] == best
+    restored = load_checkpoint(tmp_path)
+    ev = evaluate(restored.predictor, restored.params, *_test_split(cfg, small))
+    assert ev["accuracy"] == metrics["test_accuracy"]
+
+
+def test_without_validation_the_last_epoch_is_the_runs_model(small, tmp_path):
+    cfg = dataclasses.replace(STRONG, epochs=2, augment=False)
+    _, metrics = train.fit(cfg, small, tmp_path, verbose=False)
+    assert metrics["selected_epoch"] == 2
+    assert load_checkpoint(tmp_path).meta["epoch"] == 2
+
+
+def _test_split(cfg, ds):
+    _, _, te = train.split_run(cfg, ds)
+    return ds.images[te], ds.labels[te]
+
+
+def test_evaluate_and_predict_report_each_ensemble_member(tmp_path, capsys):
+    from PIL import Image
+
+    args = ["train", "--ensemble", "2", "--epochs", "1", "--synthetic-per-class", "4"]
+    assert main(args + ["--platform", "cpu", "--workdir", str(tmp_path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path), "--platform", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble member 0: accuracy" in out and "ensemble member 1: accuracy" in out
+    image = tmp_path / "sign.png"
+    Image.fromarray(_images(1)[0]).save(image)
+    assert main(["predict", str(tmp_path), str(image), "--platform", "cpu", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert len(row["members"]) == 2 and len(row["top"]) == 3
+    assert all(0 <= m["class"] < 43 and 0 < m["probability"] <= 1 for m in row["members"])
