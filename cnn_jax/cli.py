@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="resume from the newest intact checkpoint when newer ones are corrupt",
     )
     t.add_argument("--save-every", type=int, help="also save a checkpoint every N steps")
+    t.add_argument("--log-every", type=int, default=100, help="TensorBoard scalars every N steps")
 
     def reads_checkpoint(name, help, computes=True):
         p = command(name, help)
@@ -164,6 +165,7 @@ def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> d
 def _train(args) -> int:
     # XLA reads its flags when JAX starts a backend: before anything below imports JAX.
     backend.use_deterministic_ops(getattr(args, "deterministic", True))
+    from cnn_jax.guards import DIVERGED_EXIT, Diverged
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name in args}
@@ -171,8 +173,12 @@ def _train(args) -> int:
         given["data"] = str(Path(given["data"]).resolve())
     cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
     verbose = not args.quiet
-    if args.save_every is not None and args.save_every < 1:
-        raise ValueError("--save-every must be at least 1")
+    # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, not {cfg.epochs}")
+    for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
     backend.devices(cfg.platform)  # a missing GPU is named before the data loads
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -187,7 +193,11 @@ def _train(args) -> int:
                 resume_fallback=args.resume_fallback,
                 save_every=args.save_every,
                 should_stop=stop,
+                log_every=args.log_every,
             )
+        except Diverged as e:
+            print(f"cnn-jax train: error: {e}", file=sys.stderr)
+            return DIVERGED_EXIT
         except Interrupted as e:
             print(f"cnn-jax train: interrupted: {e}", file=sys.stderr)
             print(f"to resume: cnn-jax train ... --workdir {workdir}", file=sys.stderr)

@@ -24,6 +24,8 @@ PRECISIONS = ("default", "high", "highest")
 PLATFORMS = ("cpu", "gpu", "tpu")
 # Seeds go to NumPy's generator and to jax.random.key, which takes a 32-bit integer here.
 MAX_SEED = 2**31 - 1
+# The smallest input side that leaves each model's last block at least one pixel.
+MIN_IMAGE_SIZE = {1: 4, 2: 10, 3: 8}
 
 
 def setting(default, help, *, choices=None, low=None, high=None, above=None, below=None,
@@ -188,6 +190,16 @@ class Config:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
+        if self.image_size < MIN_IMAGE_SIZE[self.model]:
+            raise ValueError(
+                f"--image-size {self.image_size} is too small for --model {self.model}: it needs "
+                f"at least {MIN_IMAGE_SIZE[self.model]}"
+            )
+        if self.seed + self.ensemble - 1 > MAX_SEED:
+            raise ValueError(
+                f"--seed {self.seed} with --ensemble {self.ensemble} needs seeds up to "
+                f"{self.seed + self.ensemble - 1}, above {MAX_SEED}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

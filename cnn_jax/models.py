@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnn_jax import ops
+from cnn_jax.config import MIN_IMAGE_SIZE
 
 # Keras' Conv2D and Dense default to glorot_uniform kernels and zero biases
 # (keras/src/layers/convolutional/base_conv.py, keras/src/layers/core/dense.py); Flax defaults
@@ -233,7 +234,7 @@ def create_model(
 
 def min_image_size(model: int) -> int:
     """The smallest input side that leaves each block at least one pixel."""
-    return {1: 4, 2: 10, 3: 8}[model]
+    return MIN_IMAGE_SIZE[model]
 
 
 def count_params(model: nnx.Module) -> int:

@@ -1,67 +1,83 @@
-"""Progress bars and result lines in the words of Keras' `fit` and `evaluate`."""
+"""What a run shows while it trains: the progress bar, the epoch lines, TensorBoard scalars."""
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
+def running(metrics) -> tuple[float, float, float]:
+    """(mean loss, accuracy, images of one network) of the epoch so far, from the state's
+    metrics; an ensemble has a row per member, averaged."""
+    rows = np.asarray(metrics).reshape(-1, 3)
+    loss_sum, correct, count = rows.sum(0)
+    return loss_sum / count, correct / count, rows[0, 2]
+
+
 class Progress:
-    """A per-epoch bar: steps, loss, accuracy and images/s; one plain line when not a terminal."""
+    """A tqdm bar per epoch on a terminal (steps, loss, accuracy, images/s); when the output is
+    piped, only one plain line per epoch."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, enabled: bool = True, stream=None):
         self.stream = stream or sys.stdout
-        self.enabled = enabled
-        self.live = enabled and self.stream.isatty()
-        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.enabled, self.steps = enabled, steps
         self.t0 = time.perf_counter()
-        self.last_draw = 0.0
-        if enabled:
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", unit="step",
+                            file=self.stream, dynamic_ncols=True, mininterval=0.1)  # fmt: skip
+        elif enabled:
             print(f"Epoch {epoch + 1}/{epochs}", file=self.stream, flush=True)
 
     def update(self, step: int, metrics) -> None:
-        """Redraws at most ten times a second; reading the metrics waits for the device."""
-        now = time.perf_counter()
-        if not self.live or (now - self.last_draw < 0.1 and step < self.steps):
+        """Reading the metrics waits for the device; tqdm redraws at most ten times a second."""
+        if self.bar is None:
             return
-        self.last_draw = now
-        rows = np.asarray(metrics).reshape(-1, 3)  # an ensemble has a row per member
-        loss_sum, correct, count = rows.sum(0)
-        rate = rows[0, 2] / max(now - self.t0, 1e-9)
-        self._draw(step, loss_sum / count, correct / count, f"{rate:,.0f} img/s", "\r")
+        loss, accuracy, count = running(metrics)
+        rate = count / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"loss {loss:.4f} - accuracy {accuracy:.4f} - {rate:,.0f} img/s",
+                                 refresh=False)  # fmt: skip
+        self.bar.update(step - self.bar.n)
 
     def interrupt(self) -> None:
         """Ends a bar that was cut short, so the next message starts on its own line."""
-        if self.live:
-            print(file=self.stream, flush=True)
+        if self.bar is not None:
+            self.bar.close()
 
     def close(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if not self.enabled:
             return
-        seconds = record["seconds"]
-        extra = ""
-        if "val_accuracy" in record:
-            extra += f" - val_accuracy: {record['val_accuracy']:.4f}"
-        if "test_accuracy" in record:
-            loss, acc = record["test_loss"], record["test_accuracy"]
-            extra += f" - test_loss: {loss:.4f} - test_accuracy: {acc:.4f}"
-        ms = seconds * 1e3 / max(self.steps, 1)
-        self._draw(
-            self.steps,
-            record["train_loss"],
-            record["train_accuracy"],
-            f"{seconds:.0f}s {ms:.0f}ms/step{extra}",
-            "\r" if self.live else "",
-        )
-        print(file=self.stream, flush=True)
+        ms = record["seconds"] * 1e3 / max(self.steps, 1)
+        loss, accuracy = record["train_loss"], record["train_accuracy"]
+        line = f"{self.steps}/{self.steps} - loss: {loss:.4f} - accuracy: {accuracy:.4f}"
+        line += f" - {record['seconds']:.0f}s {ms:.0f}ms/step"
+        for key in ("val_accuracy", "test_loss", "test_accuracy"):
+            if key in record:
+                line += f" - {key}: {record[key]:.4f}"
+        print(line, file=self.stream, flush=True)
 
-    def _draw(self, step, loss, accuracy, tail, prefix) -> None:
-        width = 30
-        done = width * step // max(self.steps, 1)
-        bar = "=" * max(done - 1, 0) + (">" if done < width else "=") + "." * (width - done)
-        line = f"{step}/{self.steps} [{bar}] - loss: {loss:.4f} - accuracy: {accuracy:.4f} - {tail}"
-        clear = "\033[K" if self.live else ""  # erase what a longer previous line left
-        print(prefix + line + clear, end="", file=self.stream, flush=True)
+
+class Scalars:
+    """TensorBoard event files in a run folder (`tensorboard --logdir runs` shows them), written
+    by tensorboardX: no TensorFlow needed."""
+
+    def __init__(self, logdir: Path | str):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+
+    def add(self, step: int, **values) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, float(value), step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def test_line(loss: float, accuracy: float) -> str:

@@ -7,6 +7,7 @@ The parts live beside it: steps.py (the compiled steps), loop.py (one epoch), ru
 import json
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from flax import nnx
 from cnn_jax import backend
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
+from cnn_jax.guards import Diverged, prior_entropy, stuck_advice, stuck_reason
 from cnn_jax.loop import Interrupted, epoch_order, train_epoch
 from cnn_jax.models import count_params
+from cnn_jax.optim import schedule
 from cnn_jax.predictor import ceil_div, evaluate
-from cnn_jax.report import Progress
+from cnn_jax.report import Progress, Scalars, running
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
 from cnn_jax.steps import Trainer, create_trainer, member_seeds
 
@@ -36,13 +39,16 @@ def fit(
     resume_fallback: bool = False,
     save_every: int | None = None,
     should_stop=None,
+    log_every: int = 100,
 ):
     """Splits the data, trains, evaluates on the test split; writes config and metrics JSON.
 
     With a workdir, a checkpoint is saved after every epoch (and every `save_every` steps), and
     a workdir that already holds checkpoints is resumed from its latest one. `should_stop()`
     is polled after every compiled call; when it returns True a checkpoint is saved and
-    `Interrupted` is raised.
+    `Interrupted` is raised. A loss that becomes NaN or infinite raises `Diverged` at once,
+    without saving that state. The workdir also gets TensorBoard scalars: every `log_every`
+    steps and every epoch.
 
     With `config.val_size` the weights of the epoch best on the validation split are the
     result (tested, returned in `metrics`, and the checkpoint `evaluate RUN` uses); without,
@@ -70,12 +76,15 @@ def fit(
         "epochs": [],
     }
     say = print if verbose else (lambda *a, **k: None)
+    prior = prior_entropy(dataset.labels[train_idx], num_classes)
+    rate = schedule(config, steps_per_epoch)
+    lr_at = rate if callable(rate) else (lambda step: rate)
     if metrics["platform"] == "gpu" and config.deterministic != backend.deterministic_ops():
         say(
             f"warning: deterministic GPU ops are {'off' if config.deterministic else 'on'} in "
             "this process (XLA_FLAGS is read when JAX starts): see cnn_jax.backend"
         )
-    store, position = None, Position(0, 0)
+    store, scalars, position = None, None, Position(0, 0)
     if workdir is not None:
         # The fingerprint hashes every pixel: only runs that checkpoint need it.
         fingerprint = data_fingerprint(dataset)
@@ -87,6 +96,7 @@ def fit(
             say(f"resuming {store.workdir} from step {position.global_step(steps_per_epoch)} "
                 f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
         config.write(store.workdir / "config.json")
+        scalars = Scalars(store.workdir)
 
     step_ms, best = [], None  # best: (val accuracy, epoch, host weights)
     for epoch in range(position.epoch, config.epochs):
@@ -95,9 +105,16 @@ def fit(
 
         def between_calls(begin, end, state, epoch=epoch, progress=progress):
             progress.update(end, state.metrics)
+            step = Position(epoch, end).global_step(steps_per_epoch)
+            loss, accuracy, _ = running(state.metrics)
+            if not np.isfinite(loss):  # checked before any save: a NaN state is never kept
+                progress.interrupt()
+                _diverged(store, scalars, Position(epoch, end), steps_per_epoch, loss)
+            if scalars is not None and step // log_every > (step - end + begin) // log_every:
+                scalars.add(step, **{"steps/train_loss": loss, "steps/train_accuracy": accuracy,
+                                     "steps/learning_rate": lr_at(step)})  # fmt: skip
             # A save when a call crosses a multiple of save_every (a call may run many steps);
             # the epoch's last step is saved by the epoch-end checkpoint below.
-            step = Position(epoch, end).global_step(steps_per_epoch)
             crossed = save_every and step // save_every > (step - end + begin) // save_every
             if store is not None and crossed and end < steps_per_epoch:
                 store.save(Position(epoch, end), state, metrics["epochs"])
@@ -116,7 +133,7 @@ def fit(
             if store is not None and not store.has(where):
                 store.save(where, state, metrics["epochs"])
             progress.interrupt()
-            _interrupted(store, where, steps_per_epoch)
+            _interrupted(store, scalars, where, steps_per_epoch)
         record = _epoch_record(state, time.perf_counter() - t0)
         if len(val_idx):
             ev = evaluate(trainer.predictor, state.weights, val_images, val_labels)
@@ -128,10 +145,16 @@ def fit(
             record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
         progress.close(record)
         metrics["epochs"].append(record)
+        tested = ev["predictions"] if "test_accuracy" in record else None
+        _warn_if_stuck(metrics, prior, tested, config)
+        if scalars is not None:
+            end = Position(epoch + 1, 0).global_step(steps_per_epoch)
+            _log_epoch(scalars, end, record, len(train_idx), lr_at(end))
         if store is not None:
-            store.save(Position(epoch + 1, 0), state, metrics["epochs"], record.get("val_accuracy"))
+            val = record.get("val_accuracy")
+            store.save(Position(epoch + 1, 0), state, metrics["epochs"], val)
         if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
-            _interrupted(store, Position(epoch + 1, 0), steps_per_epoch)
+            _interrupted(store, scalars, Position(epoch + 1, 0), steps_per_epoch)
     weights, metrics["selected_epoch"] = state.weights, config.epochs
     if len(val_idx):
         # The checkpoints know the epochs before a resume too; without them, memory does.
@@ -151,6 +174,7 @@ def fit(
     )
     if store is not None:
         store.close()
+        scalars.close()
         metrics["checkpoints"] = str(store.directory)
         (store.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return state, metrics
@@ -206,9 +230,48 @@ def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
     }
 
 
-def _interrupted(store: RunStore | None, position: Position, steps_per_epoch: int):
+def _warn_if_stuck(metrics: dict, prior: float, predictions, config: Config) -> None:
+    """Once per run: a warning on stderr and in metrics.json when the run looks stuck."""
+    reason = stuck_reason(metrics["epochs"], prior, predictions)
+    if reason and not metrics.setdefault("warnings", []):
+        epoch = len(metrics["epochs"])
+        warning = (
+            f"warning: the run looks stuck after epoch {epoch}: {reason}; {stuck_advice(config)}"
+        )
+        print(warning, file=sys.stderr, flush=True)
+        metrics["warnings"].append(warning)
+
+
+def _log_epoch(scalars: Scalars, step: int, record: dict, images: int, lr: float) -> None:
+    values = {f"epoch/{k}": v for k, v in record.items() if k != "seconds"}
+    values["epoch/images_per_second"] = images / max(record["seconds"], 1e-9)
+    scalars.add(step, **values, **{"epoch/learning_rate": lr})
+
+
+def _diverged(store, scalars, position: Position, steps_per_epoch: int, loss: float):
+    last = None
+    if store is not None:
+        steps = store.checkpoints.steps()
+        last = (
+            f"the last good checkpoint is step {steps[-1]} in {store.directory}"
+            if steps
+            else "no checkpoint was saved before it"
+        )
+        store.close()
+        scalars.close()
+    where = position.global_step(steps_per_epoch)
+    raise Diverged(
+        f"the training loss became {loss} by step {where} (epoch {position.epoch + 1}, step "
+        f"{position.step_in_epoch} of {steps_per_epoch}); stopped without saving it"
+        + (f"; {last}" if last else "")
+        + ". A lower --lr usually helps (start over with --restart)"
+    )
+
+
+def _interrupted(store: RunStore | None, scalars, position: Position, steps_per_epoch: int):
     if store is not None:
         store.close()
+        scalars.close()
     where = f"; checkpoint saved in {store.directory}" if store is not None else ""
     raise Interrupted(
         f"stopped at step {position.global_step(steps_per_epoch)} (epoch {position.epoch + 1}, "
