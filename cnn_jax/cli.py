@@ -132,6 +132,17 @@ def _parser() -> argparse.ArgumentParser:
 
     reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
 
+    rp = command("report", "one self-contained HTML page of a run: curves, per-class accuracy, "
+                 "confusion matrix, the worst mistakes, config and timings")  # fmt: skip
+    rp.add_argument("run_dir", metavar="RUN", help="a finished run's folder")
+    rp.add_argument("data", nargs="?", help="data folder or .npz to test on; none: the test split")
+    rp.add_argument("--out", help="the .html file to write; none: RUN/report.html")
+    rp.add_argument("--compare", nargs="+", default=[], metavar="RUN2",
+                    help="other runs whose curves share the axes")  # fmt: skip
+    rp.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    rp.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
+    rp.add_argument("--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's")
+
     pk = command("pack", "decode a data folder into one compressed .npz for train and evaluate")
     pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
     pk.add_argument("out", help="the .npz file to write")
@@ -297,6 +308,25 @@ def _predict(args) -> int:
     return 2 if failed else 0
 
 
+def _report(args) -> int:
+    from cnn_jax import html_report
+
+    html_report._pyplot()  # a missing extra is named before anything loads
+    for folder in [args.run_dir, *args.compare]:
+        if not (Path(folder) / "metrics.json").is_file():
+            raise ValueError(f"{folder} holds no metrics.json: give the folder of a finished run")
+    from cnn_jax.inference import load_checkpoint, probabilities_on
+
+    run = Path(args.run_dir)
+    tested = probabilities_on(
+        load_checkpoint(run, args.platform), args.data, args.layout, args.cache_dir
+    )
+    out = html_report.write_report(run, Path(args.out or run / "report.html"),
+                                   [Path(c) for c in args.compare], tested)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
 def _pack(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
@@ -370,6 +400,7 @@ def main(argv=None) -> int:
         "predict": _predict,
         "info": _info,
         "pack": _pack,
+        "report": _report,
     }
     try:
         return commands.get(args.command, getattr(args, "run", None))(args)

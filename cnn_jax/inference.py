@@ -2,7 +2,7 @@
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -10,9 +10,9 @@ from cnn_jax import data as data_lib
 from cnn_jax.checkpoint import locate
 from cnn_jax.config import Config
 from cnn_jax.models import count_params
-from cnn_jax.predictor import Predictor, evaluate
+from cnn_jax.predictor import EVAL_BATCH, Predictor, evaluate
 from cnn_jax.signs import sign_name
-from cnn_jax.sources import load_configured
+from cnn_jax.sources import load_configured, split_run
 from cnn_jax.steps import abstract_state
 
 
@@ -50,10 +50,18 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     return Restored(config, predictor, params, meta, step, store.directory / str(step))
 
 
-def evaluate_checkpoint(
-    restored: Restored, data_dir=None, layout="auto", cache_dir=None
-) -> dict[str, Any]:
-    """Every image of `data_dir`, or without one the run's own test split, evaluated."""
+class Tested(NamedTuple):
+    """A checkpoint's softmax outputs on a set of images."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray  # (images, classes); an ensemble's mean
+    source: str  # what the images are, in words
+    checkpoint: str
+
+
+def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
+    """(dataset, indices, words): every image of `data_dir`, or the run's own test split."""
     cfg = restored.config
     if data_dir is None and restored.meta.get("imported_from"):
         raise ValueError(
@@ -62,7 +70,7 @@ def evaluate_checkpoint(
         )
     if data_dir is None:
         ds = load_configured(cfg, cache_dir)
-        _, idx = data_lib.split_indices(ds.labels, cfg.test_size, cfg.seed, cfg.split, ds.paths)
+        _, _, idx = split_run(cfg, ds)
         source = f"the test split of {cfg.data or 'the synthetic signs'}"
     else:
         ds = data_lib.load_folder(
@@ -75,6 +83,26 @@ def evaluate_checkpoint(
             f"the data has class ids up to {ds.num_classes - 1}; the model knows "
             f"{restored.meta['num_classes']} classes"
         )
+    return ds, idx, source
+
+
+def probabilities_on(restored: Restored, data_dir=None, layout="auto", cache_dir=None) -> Tested:
+    """The checkpoint's probabilities for every image of `data_dir`, or its run's test split."""
+    ds, idx, source = _evaluation_data(restored, data_dir, layout, cache_dir)
+    images, batch = ds.images[idx], EVAL_BATCH
+    padded = np.concatenate([images, np.zeros((-len(images) % batch, *images.shape[1:]), np.uint8)])
+    probabilities = np.concatenate([
+        np.asarray(restored.predictor.probabilities(restored.params, padded[i : i + batch]))
+        for i in range(0, len(padded), batch)
+    ])[: len(images)]  # fmt: skip
+    return Tested(images, ds.labels[idx], probabilities, source, str(restored.directory))
+
+
+def evaluate_checkpoint(
+    restored: Restored, data_dir=None, layout="auto", cache_dir=None
+) -> dict[str, Any]:
+    """Every image of `data_dir`, or without one the run's own test split, evaluated."""
+    ds, idx, source = _evaluation_data(restored, data_dir, layout, cache_dir)
     ev = evaluate(restored.predictor, restored.params, ds.images[idx], ds.labels[idx])
     ev.pop("predictions")
     return {

@@ -26,6 +26,7 @@ from cnn_jax.optim import schedule
 from cnn_jax.predictor import ceil_div, evaluate
 from cnn_jax.report import Progress, Scalars, running
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
+from cnn_jax.sources import split_run
 from cnn_jax.steps import Trainer, create_trainer, member_seeds
 
 
@@ -178,22 +179,6 @@ def fit(
         metrics["checkpoints"] = str(store.directory)
         (store.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return state, metrics
-
-
-def split_run(config: Config, dataset: data_lib.Dataset):
-    """(train, validation, test) indices: the test split, then `val_size` of the training side
-    (whole tracks with --split track) for validation; the validation set is empty without it."""
-    train, test = data_lib.split_indices(
-        dataset.labels, config.test_size, config.seed, config.split, dataset.paths
-    )
-    if not config.val_size:
-        return train, train[:0], test
-    # Its own random stream: the same seed would shuffle the training side as it did the set.
-    fit, val = data_lib.split_indices(
-        dataset.labels[train], config.val_size, [config.seed, 1], config.split,
-        dataset.paths[train],
-    )  # fmt: skip
-    return train[fit], train[val], test
 
 
 def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import augment, checkpoint, config, data, models, steps, train
+from cnn_jax import augment, checkpoint, config, data, models, sources, steps, train
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config as _Config
@@ -204,7 +204,7 @@ def test_validation_split_is_carved_from_the_training_side():
     labels = np.array([int(p.split("/")[0]) for p in paths])
     ds = data.Dataset(np.zeros((len(labels), 2, 2, 3), np.uint8), labels, paths, ())
     cfg = Config(split="track", val_size=0.25, test_size=0.3)
-    tr, val, te = train.split_run(cfg, ds)
+    tr, val, te = sources.split_run(cfg, ds)
     assert len(set(tr) | set(val) | set(te)) == len(labels)
     assert not (set(tr) & set(val)) and not (set(val) & set(te)) and not (set(tr) & set(te))
     tracks = lambda idx: {p.rsplit("_", 1)[0] for p in paths[idx]}  # noqa: E731
@@ -234,7 +234,7 @@ def test_without_validation_the_last_epoch_is_the_runs_model(small, tmp_path):
 
 
 def _test_split(cfg, ds):
-    _, _, te = train.split_run(cfg, ds)
+    _, _, te = sources.split_run(cfg, ds)
     return ds.images[te], ds.labels[te]
 
 

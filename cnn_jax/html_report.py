@@ -1,0 +1,188 @@
+"""`cnn-jax report`: one self-contained HTML page about a run, its plots drawn by matplotlib.
+
+Curves per epoch (with other runs on the same axes), per-class accuracy, the confusion matrix,
+the worst mistakes on the test split, and what the run was: config, versions, device, timings.
+The images are embedded PNGs, so the file opens offline and can be mailed.
+"""
+
+import base64
+import html
+import importlib.metadata
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cnn_jax.signs import sign_name
+
+SECTIONS = ("curves", "per-class", "confusion", "mistakes", "run")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "cnn-jax report draws with matplotlib, which is not installed: "
+            "pip install 'cnn-jax[report]'"
+        ) from None
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.clf()
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _curves(plt, runs: dict[str, list[dict]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, epochs in runs.items():
+        x = np.arange(1, len(epochs) + 1)
+        for ax, what in zip(axes, ("loss", "accuracy")):
+            for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
+                values = [e.get(f"{split}_{what}") for e in epochs]
+                if any(v is not None for v in values):
+                    ys = [np.nan if v is None else v for v in values]
+                    ax.plot(x, ys, style, marker="o", ms=3, label=f"{name} {split}")
+    for ax, what in zip(axes, ("loss", "accuracy")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _img(_png(fig), "loss and accuracy per epoch")
+
+
+def _per_class(plt, labels, predictions, num_classes) -> str:
+    classes = np.arange(num_classes)
+    accuracy = [np.mean(predictions[labels == c] == c) if np.any(labels == c) else np.nan
+                for c in classes]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(10, 0.22 * num_classes + 1))
+    ax.barh(classes, accuracy, color="tab:blue")
+    ax.set_yticks(classes, [f"{c} {sign_name(c)}" for c in classes], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    return _img(_png(fig), "per-class accuracy")
+
+
+def _confusion(plt, labels, predictions, num_classes) -> str:
+    matrix = np.zeros((num_classes, num_classes), int)
+    np.add.at(matrix, (labels, predictions), 1)
+    # Each row as a share of its class, so rare classes' mistakes show as clearly as common ones.
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(11, 10))
+    image = ax.imshow(shares, cmap="viridis", vmin=0, vmax=1)
+    ticks = np.arange(num_classes)
+    ax.set_xticks(ticks, ticks, fontsize=6)
+    ax.set_yticks(ticks, [f"{sign_name(c)} {c}" for c in ticks], fontsize=6)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, fraction=0.04, label="share of the true class")
+    return _img(_png(fig), "confusion matrix")
+
+
+def _mistakes(plt, images, labels, probabilities, count=24) -> str:
+    predictions = probabilities.argmax(1)
+    wrong = np.flatnonzero(predictions != labels)
+    if not len(wrong):
+        return "<p>No test image is misclassified.</p>"
+    # The most confident mistakes first: those a user would trust and should not.
+    wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:count]
+    cols = 6
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        true, pred = labels[i], predictions[i]
+        ax.imshow(images[i])
+        ax.set_title(
+            f"true: {sign_name(true)[:22]}\npred: {sign_name(pred)[:22]}\n"
+            f"{probabilities[i, pred]:.1%} (true {probabilities[i, true]:.1%})",
+            fontsize=7,
+        )
+    return _img(_png(fig), "the most confident mistakes")
+
+
+def _run_table(metrics: dict, config: dict) -> str:
+    versions = {p: _version(p) for p in ("jax", "flax", "optax", "orbax-checkpoint", "cnn-jax")}
+    seconds = sum(e.get("seconds", 0) for e in metrics.get("epochs", []))
+    facts = {
+        "device": f"{metrics.get('platform')} ({metrics.get('device_kind')}) x "
+        f"{metrics.get('devices')}",
+        "parameters": f"{metrics.get('params', 0):,}",
+        "train / val / test images": f"{metrics.get('n_train')} / {metrics.get('n_val', 0)} / "
+        f"{metrics.get('n_test')}",
+        "median step": f"{metrics.get('median_step_ms') or 0:.2f} ms",
+        "training time (epochs)": f"{seconds:.0f} s",
+        "peak memory": f"{metrics.get('peak_rss_mb') or 0:.0f} MB",
+        "selected epoch": metrics.get("selected_epoch"),
+        "warnings": "; ".join(metrics.get("warnings", [])) or "none",
+        **{f"version of {k}": v for k, v in versions.items()},
+        **{f"config {k}": v for k, v in config.items()},
+    }
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in facts.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_report(run: Path, out: Path, compare: list[Path], tested) -> Path:
+    """The report of `run` into `out`. `tested` holds the run's test split as the checkpoint
+    sees it: images, labels and probabilities."""
+    plt = _pyplot()
+    runs = {}
+    for folder in [run, *compare]:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+        runs[Path(folder).resolve().name] = metrics["epochs"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    num_classes = metrics["num_classes"]
+    predictions = tested.probabilities.argmax(1)
+    accuracy = float(np.mean(predictions == tested.labels))
+    parts = {
+        "curves": ("Loss and accuracy per epoch", _curves(plt, runs)),
+        "per-class": ("Test accuracy per class",
+                      _per_class(plt, tested.labels, predictions, num_classes)),
+        "confusion": ("Confusion matrix (rows: true class, as shares)",
+                      _confusion(plt, tested.labels, predictions, num_classes)),
+        "mistakes": ("The most confident mistakes on the test split",
+                     _mistakes(plt, tested.images, tested.labels, tested.probabilities)),
+        "run": ("The run", _run_table(metrics, config)),
+    }  # fmt: skip
+    plt.close("all")
+    body = "".join(
+        f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
+        for key, (title, content) in parts.items()
+    )
+    title = f"cnn-jax run {run.resolve().name}: model {config['model']}"
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
+        "th{text-align:left;padding-right:1em}td,th{font-size:13px}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(tested.source)}: accuracy "
+        f"{accuracy:.4f} on {len(tested.labels):,} images (checkpoint {tested.checkpoint})</p>"
+        f"{body}</body></html>"
+    )
+    out.write_text(page)
+    return out

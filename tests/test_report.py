@@ -1,0 +1,74 @@
+"""`cnn-jax report`: a self-contained HTML page whose every section and image is there."""
+
+import base64
+import html.parser
+import io
+import sys
+
+import pytest
+from PIL import Image
+
+from cnn_jax import html_report
+from cnn_jax.cli import main
+
+pytest.importorskip("matplotlib", reason="the report needs the report extra")
+
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images, self.external = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        if tag == "img":
+            src = attrs["src"]
+            if src.startswith("data:image/png;base64,"):
+                self.images.append(src.split(",", 1)[1])
+            else:
+                self.external.append(src)
+        if tag in ("script", "link"):
+            self.external.append(tag)
+
+
+def _run(tmp_path, name, seed):
+    workdir = tmp_path / name
+    args = ["train", "--epochs", "2", "--synthetic-per-class", "6", "--seed", str(seed)]
+    assert main(args + ["--platform", "cpu", "--workdir", str(workdir), "--quiet"]) == 0
+    return workdir
+
+
+def test_report_has_every_section_and_every_image_decodes(tmp_path, capsys):
+    run, other = _run(tmp_path, "a", 0), _run(tmp_path, "b", 1)
+    out = tmp_path / "page.html"
+    args = ["report", str(run), "--compare", str(other), "--out", str(out), "--platform", "cpu"]
+    assert main(args) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    text = out.read_text()
+    page = _Page()
+    page.feed(text)
+    page.close()
+    assert page.sections == list(html_report.SECTIONS)
+    assert len(page.images) == 4 and not page.external  # four plots; opens offline
+    for data in page.images:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+        assert image.format == "PNG" and min(image.size) > 100
+    for words in ("version of jax", "version of orbax-checkpoint", "median step", "cpu"):
+        assert words in text
+    assert "the test split of the synthetic signs: accuracy" in text
+
+
+def test_report_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'cnn-jax[report]'" in err
+
+
+def test_report_of_an_unfinished_run_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no metrics.json" in err
