@@ -253,3 +253,21 @@ def test_evaluate_and_predict_report_each_ensemble_member(tmp_path, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert len(row["members"]) == 2 and len(row["top"]) == 3
     assert all(0 <= m["class"] < 43 and 0 < m["probability"] <= 1 for m in row["members"])
+
+
+def test_seeds_script_runs_each_seed_and_prints_the_mean(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "seeds.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--seeds", "0", "1", "--out", str(tmp_path), "--",
+         "--epochs", "1", "--synthetic-per-class", "2", "--platform", "cpu"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    runs = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    exact = [m["test_accuracy"] for m in runs]
+    assert [r[1] for r in rows] == [f"{a:.4f}" for a in exact]
+    assert f"mean {sum(exact) / 2:.4f}" in out
