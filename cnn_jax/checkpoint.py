@@ -107,6 +107,9 @@ class Checkpoints:
             step=int(step),
             val_accuracy=val_accuracy,
             params_sha256=params_digest(state.weights),
+            # Everything a resume reads: a damaged optimizer state would otherwise restore
+            # silently and turn the loss into NaN a few steps later.
+            state_sha256=params_digest(state),
         )
         metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
         self.manager.save(
@@ -125,9 +128,24 @@ class Checkpoints:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(self._corrupt(step, f"unreadable meta ({e})")) from None
-        if not isinstance(meta, dict) or "config" not in meta:
-            raise CheckpointError(self._corrupt(step, "meta lacks the config"))
+        problem = _meta_problem(meta)
+        if problem:
+            raise CheckpointError(self._corrupt(step, problem))
         return meta
+
+    def set_aside(self, step: int) -> Path:
+        """Moves a step's folder out of the checkpoints (to checkpoints-set-aside/) and returns
+        where it went, so that training can go on past a corrupt step without losing it."""
+        self.manager.close()
+        aside = self.directory.parent / "checkpoints-set-aside"
+        aside.mkdir(exist_ok=True)
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+            target, n = aside / f"{step}.{n}", n + 1
+        shutil.move(self.directory / str(step), target)
+        self.manager = self._open()
+        return target
 
     def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
         """The state at `step`, shaped like `template`, with its meta; verified by digest."""
@@ -144,6 +162,10 @@ class Checkpoints:
         state = unflatten(template, flat, f"checkpoint step {step}")
         if params_digest(state.weights) != meta.get("params_sha256"):
             raise CheckpointError(self._corrupt(step, "parameters do not match their SHA-256"))
+        if meta.get("state_sha256", params_digest(state)) != params_digest(state):
+            raise CheckpointError(
+                self._corrupt(step, "the training state does not match its SHA-256")
+            )
         return state, meta
 
     def best_step(self) -> int | None:
@@ -171,6 +193,40 @@ class Checkpoints:
 
     def _corrupt(self, step: int, why: str) -> str:
         return f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {why}"
+
+
+# The meta fields every reader relies on, and their JSON types (bool is not an int here).
+_META_FIELDS = {
+    "config": dict,
+    "num_classes": int,
+    "epoch": int,
+    "step_in_epoch": int,
+    "epochs": list,
+}
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a checkpoint's meta JSON, or None: checked on every read, so that no
+    command trips over a field of the wrong shape."""
+    if not isinstance(meta, dict):
+        return "meta is not a JSON object"
+    for key, kind in _META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"meta field {key!r} is {json.dumps(value)[:40]}, expected a {kind.__name__}"
+    if meta["num_classes"] < 1 or meta["epoch"] < 0 or meta["step_in_epoch"] < 0:
+        return "meta has a negative position or no classes"
+    for record in meta["epochs"]:
+        numbers = isinstance(record, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in record.values()
+        )
+        if not numbers:
+            return "meta field 'epochs' holds a record that is not numbers by name"
+    for key in ("val_accuracy", "test_accuracy"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            return f"meta field {key!r} is {json.dumps(value)[:40]}, expected a number"
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -26,6 +26,22 @@ from cnn_jax.config import LAYOUTS, PIXELS, SPLITS
 # Bump when decoding changes, so old caches are not reused.
 _CACHE_VERSION = 1
 _TRACK_NAME = re.compile(r"^(\d+)_(\d+)\.[^.]+$")
+# Class ids are plain ASCII digits (Python's int() also reads '٢' and ' 7 '), up to this: a
+# larger id would size a one-hot or an output layer by it.
+MAX_CLASS_ID = 9999
+_CLASS_ID = re.compile(r"[0-9]+")
+
+
+def parse_class_id(text, where: str) -> int:
+    """A class id from a folder name or a CSV field; `where` names it in the error."""
+    if not isinstance(text, str) or not _CLASS_ID.fullmatch(text):
+        raise DataError(
+            f"{where}: class id {text!r} is not a whole number 0..{MAX_CLASS_ID} in ASCII digits"
+        )
+    value = int(text)
+    if value > MAX_CLASS_ID:
+        raise DataError(f"{where}: class id {value} is above {MAX_CLASS_ID}")
+    return value
 
 
 class DataError(ValueError):
@@ -112,13 +128,15 @@ def _list_cs50(root: Path) -> tuple[list[Path], list[int]]:
             f"{root} holds no class folders: expected DIR/<class id>/<images> (CS50 layout), "
             "Final_Training/ or Final_Test/"
         )
-    bad = [p.name for p in class_dirs if not p.name.isdigit()]
-    if bad:
-        raise DataError(
-            f"class folder {bad[0]!r} in {root} is not a number: folders must be named by "
-            "class id (0, 1, ..., 42)"
-        )
-    ids = sorted(int(p.name) for p in class_dirs)
+    named = {}
+    for p in class_dirs:
+        c = parse_class_id(p.name, f"class folder {p.name!r} in {root} (name folders 0, 1, ...)")
+        if c in named:
+            raise DataError(
+                f"class folders {named[c]!r} and {p.name!r} in {root} both name class {c}: keep one"
+            )
+        named[c] = p.name
+    ids = sorted(named)
     missing = sorted(set(range(ids[-1] + 1)) - set(ids))
     if missing:
         raise DataError(
@@ -139,22 +157,31 @@ def _list_cs50(root: Path) -> tuple[list[Path], list[int]]:
 def _read_gt_csv(csv_path: Path, image_dir: Path) -> tuple[list[Path], list[int]]:
     """Reads an official GTSRB annotation file (semicolon-separated, with ClassId)."""
     try:
-        with open(csv_path, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter=";"))
+        # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first column.
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter=";")
+            rows, columns = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {csv_path}: {e}") from None
-    if rows and not {"Filename", "ClassId"} <= set(rows[0]):
-        raise DataError(f"{csv_path} lacks the Filename and ClassId columns")
+    if not {"Filename", "ClassId"} <= set(columns):
+        raise DataError(
+            f"{csv_path} lacks the Filename and ClassId columns (its header: "
+            f"{';'.join(columns) or 'none'})"
+        )
+    if not rows:
+        raise DataError(f"{csv_path} names no images: it has a header and no rows")
     files, labels = [], []
+    folder = image_dir.resolve()
     for n, row in enumerate(rows, start=2):
-        path = image_dir / row["Filename"]
+        name, class_id = row.get("Filename"), row.get("ClassId")
+        if not name or class_id is None:
+            raise DataError(f"{csv_path} line {n} lacks a Filename or a ClassId")
+        path = image_dir / name
+        if folder not in path.resolve().parents:
+            raise DataError(f"{csv_path} line {n} names {name!r}, outside {image_dir}")
         if not path.is_file():
-            raise DataError(f"{csv_path} line {n} names {row['Filename']}, which is missing")
-        try:
-            labels.append(int(row["ClassId"]))
-        except (TypeError, ValueError):
-            msg = f"{csv_path} line {n}: ClassId {row['ClassId']!r} is not a number"
-            raise DataError(msg) from None
+            raise DataError(f"{csv_path} line {n} names {name}, which is missing")
+        labels.append(parse_class_id(class_id, f"{csv_path} line {n}"))
         files.append(path)
     return files, labels
 
@@ -166,6 +193,12 @@ def decode_image(path: Path | str, image_size: int) -> np.ndarray:
     """One file -> (size, size, 3) uint8 RGB. Raises OSError/ValueError for unreadable files."""
     with Image.open(path) as im:
         im.load()  # raises on truncated files instead of returning a half-grey image
+        if im.mode in ("I;16", "I;16L", "I;16B", "I"):
+            # 16-bit grey: Pillow's RGB conversion clips 0..65535 to 0..255 (nearly all white);
+            # keep the top 8 bits instead.
+            im = Image.fromarray(
+                (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            )
         im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
 

@@ -5,12 +5,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from cnn_jax import data as data_lib
-from cnn_jax.checkpoint import locate
+from cnn_jax.checkpoint import CheckpointError, locate
 from cnn_jax.config import Config
 from cnn_jax.models import count_params
 from cnn_jax.predictor import EVAL_BATCH, Predictor, evaluate
+from cnn_jax.run_store import data_fingerprint
 from cnn_jax.signs import sign_name
 from cnn_jax.sources import load_configured, split_run
 from cnn_jax.steps import abstract_state
@@ -40,7 +42,12 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     store, step = locate(path)
     meta = store.read_meta(step)
     fields = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+    try:
+        config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {store.directory}: its config: {e}"
+        ) from None
     # Restored onto this machine's devices, whatever the run trained on (a GPU, 8 devices).
     local = dataclasses.replace(config, platform=platform, devices=None)
     predictor, template = abstract_state(local, meta["num_classes"])
@@ -70,6 +77,14 @@ def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
         )
     if data_dir is None:
         ds = load_configured(cfg, cache_dir)
+        # Another set of files would give another "own test split", silently mixing in training
+        # images: refused as a resume refuses it.
+        if restored.meta.get("data_fingerprint") not in (None, data_fingerprint(ds)):
+            raise ValueError(
+                f"the run's data ({cfg.data or 'synthetic signs'}) has changed since "
+                f"{restored.directory} was trained (other files or labels), so its test split "
+                "cannot be rebuilt: give a data folder to evaluate on"
+            )
         _, _, idx = split_run(cfg, ds)
         source = f"the test split of {cfg.data or 'the synthetic signs'}"
     else:
@@ -128,7 +143,7 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
             images.append(data_lib.decode_image(p, restored.config.image_size))
             ok.append(len(results))
             results.append((p, None, None))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}", None))
     if images:
         batch = np.stack(images)

@@ -3,6 +3,7 @@ must keep (the settings that decide the result, and the data)."""
 
 import dataclasses
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,5 +136,8 @@ def restore_latest(store, template, fallback: bool, say, check):
             if not fallback:
                 msg = f"{e}; --resume-fallback resumes from the newest intact one"
                 raise CheckpointError(msg) from None
-            say(f"warning: {e}; trying an older checkpoint")
+            # Moved aside, not deleted: training can save this step again, and the damaged
+            # files stay for a look.
+            where = store.set_aside(step)
+            print(f"warning: {e}; moved it to {where}; trying an older one", file=sys.stderr)
     raise CheckpointError(f"no intact checkpoint in {store.directory}; use --restart")

@@ -57,6 +57,11 @@ def fit(
     """
     num_classes = _num_classes(config, dataset)
     train_idx, val_idx, test_idx = split_run(config, dataset)
+    if config.batch_size > len(train_idx):
+        raise ValueError(
+            f"--batch-size {config.batch_size} is more than the {len(train_idx)} training "
+            f"images: use at most {len(train_idx)}"
+        )
     steps_per_epoch = ceil_div(len(train_idx), config.batch_size)
     trainer, state = create_trainer(config, num_classes, steps_per_epoch)
     train_images, train_labels, val_images, val_labels, test_images, test_labels = trainer.place(
@@ -92,6 +97,15 @@ def fit(
         store = RunStore(workdir, config, num_classes, fingerprint, steps_per_epoch)
         resumed = store.resume(state, restart, resume_fallback, say)
         if resumed is not None:
+            done = resumed.position
+            if done.epoch > config.epochs or (done.epoch == config.epochs and done.step_in_epoch):
+                store.close()
+                raise ValueError(
+                    f"the run in {store.workdir} has trained {done.epoch} epochs"
+                    f"{f' and {done.step_in_epoch} steps' if done.step_in_epoch else ''}; "
+                    f"--epochs {config.epochs} is fewer: give --epochs {done.epoch + 1} or more to "
+                    "go on, or --restart / another --workdir"
+                )
             state = trainer.place(resumed.state)  # host arrays: any device count works
             position, metrics["epochs"] = resumed.position, resumed.epochs
             say(f"resuming {store.workdir} from step {position.global_step(steps_per_epoch)} "
@@ -182,6 +196,20 @@ def fit(
 
 
 def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
+    """The output size; the data must hold images of every class id below its largest."""
+    present = np.unique(dataset.labels)
+    if len(present) < 2:
+        raise data_lib.DataError(
+            f"the data holds images of one class only ({present[0] if len(present) else 'none'}):"
+            " a classifier needs at least two"
+        )
+    missing = sorted(set(range(int(present[-1]) + 1)) - set(present.tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise data_lib.DataError(
+            f"no images of class {shown}: training needs images of every class id from 0 to "
+            f"{present[-1]} (an empty class folder, or ids that skip numbers?)"
+        )
     num_classes = config.num_classes or dataset.num_classes
     if dataset.num_classes > num_classes:
         raise ValueError(

@@ -89,7 +89,7 @@ def test_read_only_cache_folder_only_warns(cs50_folder, tmp_path, capsys):
     "make, message",
     [
         (lambda root: root.mkdir(), "holds no class folders"),
-        (lambda root: (root / "stop").mkdir(parents=True), "is not a number"),
+        (lambda root: (root / "stop").mkdir(parents=True), "is not a whole number"),
         (lambda root: [(root / c).mkdir(parents=True) for c in ("0", "2")], "1 are missing"),
         (lambda root: [(root / c).mkdir(parents=True) for c in ("0", "1")], "hold no files"),
     ],

@@ -1,0 +1,216 @@
+"""Hostile input: each case is one line on stderr, exit code 2, no traceback, nothing changed."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest import write_image
+from PIL import Image
+
+from cnn_jax.cli import main
+
+CSV_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+
+
+def _fails(capsys, args, message, code=2):
+    got = main(args)
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _tree(root):
+    """Every file under root with a digest of its bytes: 'nothing changed' made checkable."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _official_test(root, rows, bom=False):
+    images = root / "Final_Test" / "Images"
+    for i in range(4):
+        write_image(images / f"{i:05d}.ppm", seed=i)
+    text = "\n".join([CSV_HEADER, *rows]) + "\n"
+    (images / "GT-final_test.csv").write_text(("\ufeff" if bom else "") + text)
+    return root
+
+
+def _train(root, *extra, workdir):
+    return ["train", str(root), "--epochs", "1", "--platform", "cpu", "--workdir", str(workdir),
+            "--quiet", "--no-cache", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "class_id, message",
+    [
+        ("99999999999", "class id 99999999999 is above 9999"),
+        ("2147483647", "class id 2147483647 is above 9999"),
+        ("-1", "class id '-1' is not a whole number"),
+        ("\u0662", "class id '\u0662' is not a whole number 0..9999 in ASCII digits"),
+        ("7x", "class id '7x' is not a whole number"),
+    ],
+)
+def test_csv_class_ids_must_be_plain_numbers(tmp_path, capsys, class_id, message):
+    rows = [f"{i:05d}.ppm;36;40;5;5;30;30;{c}" for i, c in enumerate([0, 1, 1, class_id])]
+    root = _official_test(tmp_path / "d", rows)
+    err = _fails(capsys, _train(root, workdir=tmp_path / "w"), message)
+    assert "GT-final_test.csv line 5" in err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (["0"], "line 2 lacks a Filename or a ClassId"),
+        (["00000.ppm"], "line 2 lacks a Filename or a ClassId"),
+        ([], "names no images: it has a header and no rows"),
+        (["../../outside.ppm;36;40;5;5;30;30;0"], "names '../../outside.ppm', outside"),
+    ],
+)
+def test_csv_rows_that_cannot_be_used(tmp_path, capsys, rows, message):
+    root = _official_test(tmp_path / "d", rows)
+    write_image(tmp_path / "outside.ppm")
+    _fails(capsys, _train(root, workdir=tmp_path / "w"), message)
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path, capsys):
+    rows = [f"{i:05d}.ppm;36;40;5;5;30;30;{c}" for i, c in enumerate([0, 1, 0, 1])]
+    root = _official_test(tmp_path / "d", rows, bom=True)
+    assert main(["pack", str(root), str(tmp_path / "p.npz")]) == 0
+    assert "packed 4 images of 2 classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "folders, message",
+    [
+        (["0", "1", "01"], "both name class 1: keep one"),
+        (["0", "\u00b2"], "class id '\u00b2' is not a whole number"),
+        (["0", "\u0662"], "class id '\u0662' is not a whole number"),
+        (["0"], "the data holds images of one class only (0)"),
+        (["0", "1", "2", "empty:1"], "no images of class 1: training needs images of every"),
+    ],
+)
+def test_class_folders_that_cannot_train(tmp_path, capsys, folders, message):
+    root = tmp_path / "d"
+    for n, name in enumerate(folders):
+        if name.startswith("empty:"):
+            for f in (root / name[6:]).iterdir():
+                f.unlink()
+            continue
+        for i in range(3):
+            write_image(root / name / f"{n:05d}_{i:05d}.ppm", seed=10 * n + i)
+    before = _tree(root)
+    _fails(capsys, _train(root, workdir=tmp_path / "w"), message)
+    assert _tree(root) == before
+
+
+def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
+    args = ["train", "--batch-size", "100000", "--synthetic-per-class", "2", "--epochs", "1"]
+    args += ["--platform", "cpu", "--workdir", str(tmp_path / "w")]
+    _fails(capsys, args, "--batch-size 100000 is more than the 51 training images")
+
+
+def test_a_16_bit_grey_png_keeps_its_greys(tmp_path):
+    from cnn_jax import data
+
+    grey = np.full((20, 20), 32768, np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode.startswith("I")
+    pixels = data.decode_image(tmp_path / "g.png", 10)
+    assert pixels.shape == (10, 10, 3) and np.all(pixels == 128)
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    """A finished 2-epoch run on synthetic signs, with its checkpoint folder."""
+    workdir = tmp_path / "run"
+    args = ["train", "--epochs", "2", "--synthetic-per-class", "3", "--platform", "cpu"]
+    assert main(args + ["--workdir", str(workdir), "--quiet"]) == 0
+    capsys.readouterr()
+    return workdir
+
+
+def test_resuming_with_fewer_epochs_is_refused_and_changes_nothing(run, tmp_path, capsys):
+    before = _tree(run)
+    args = ["train", "--epochs", "1", "--synthetic-per-class", "3", "--platform", "cpu"]
+    _fails(capsys, args + ["--workdir", str(run)], "has trained 2 epochs; --epochs 1 is fewer")
+    assert _tree(run) == before
+
+
+def test_predict_on_a_decompression_bomb_is_one_line(run, tmp_path, capsys, monkeypatch):
+    write_image(tmp_path / "big.png", size=(60, 60))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 3,600 pixels: over twice the limit
+    err = _fails(capsys, ["predict", str(run), str(tmp_path / "big.png"), "--platform", "cpu"],
+                 "DecompressionBombError")  # fmt: skip
+    assert "cannot read" in err
+
+
+def _meta_path(run):
+    steps = sorted((run / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    return steps[-1] / "meta" / "metadata"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(config="x"), "meta field 'config' is \"x\", expected a dict"),
+        (lambda m: m.pop("num_classes"), "meta field 'num_classes' is null, expected a int"),
+        (lambda m: m.pop("epoch"), "meta field 'epoch' is null"),
+        (lambda m: m.update(test_accuracy="high"), "meta field 'test_accuracy' is \"high\""),
+        (lambda m: m["config"].update(epochs="nonsense"), "its config: --epochs must be a whole"),
+        (lambda m: m["epochs"].append("x"), "holds a record that is not numbers by name"),
+    ],
+)
+@pytest.mark.parametrize("command", ["info", "evaluate"])
+def test_checkpoint_meta_of_the_wrong_shape_is_one_line(run, capsys, change, message, command):
+    path = _meta_path(run)
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+    args = [command, str(run)] + (["--platform", "cpu"] if command == "evaluate" else [])
+    _fails(capsys, args, message)
+
+
+def test_evaluate_refuses_a_run_whose_data_changed(tmp_path, cs50_folder, capsys):
+    workdir = tmp_path / "run"
+    assert (
+        main(
+            _train(
+                cs50_folder,
+                "--test-size",
+                "0.5",
+                "--batch-size",
+                "4",
+                "--devices",
+                "1",
+                workdir=workdir,
+            )
+        )
+        == 0
+    )
+    capsys.readouterr()
+    write_image(cs50_folder / "0" / "00007_00000.ppm", seed=77)
+    _fails(capsys, ["evaluate", str(workdir), "--platform", "cpu"], "has changed since")
+
+
+def test_resume_fallback_gets_past_a_corrupt_latest_checkpoint(run, capsys):
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir())
+    latest = run / "checkpoints" / str(steps[-1]) / "state"
+    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    args = ["train", "--epochs", "3", "--synthetic-per-class", "3", "--platform", "cpu"]
+    args += ["--workdir", str(run), "--quiet"]
+    assert main(args) == 2  # without the fallback: one line, nothing moved
+    assert "--resume-fallback resumes from the newest intact one" in capsys.readouterr().err
+    assert main(args + ["--resume-fallback"]) == 0
+    err = capsys.readouterr().err
+    aside = run / "checkpoints-set-aside" / str(steps[-1])
+    assert f"moved it to {aside}" in err and aside.is_dir()
+    assert json.loads((run / "metrics.json").read_text())["selected_epoch"] == 3
+    assert main(args[:2] + ["4"] + args[3:]) == 0  # and on: no "already exists"
