@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -390,9 +391,30 @@ def _quiet_unraisable(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which saves and stops on its own, _StopOnSignal): unwinds like
+    Ctrl-C, so that decoding workers are ended and nothing is left half-written."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
     """Entry point; user errors become one line on stderr and exit code 2."""
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     sys.unraisablehook = _quiet_unraisable
     commands = {
         "train": _train,
@@ -410,9 +432,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cnn-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"cnn-jax {args.command}: interrupted ({signal.Signals(signum).name})",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum
 
 
 if __name__ == "__main__":

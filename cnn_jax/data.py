@@ -7,6 +7,7 @@ nearest each output pixel; Pillow widens the filter to the whole footprint when 
 with `scripts/resize_effect.py` (see README). Never imports TensorFlow.
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -226,13 +227,35 @@ _PARALLEL_FROM = 4000
 _CHUNK = 1000
 
 
+@contextlib.contextmanager
+def _main_hidden():
+    """Hides the main module from the workers spawned meanwhile.
+
+    A spawned worker first imports the parent's main module (by its __spec__ or __file__), so a
+    script that loads data at its top level, without an `if __name__ == "__main__":` guard,
+    would run again in every worker, and the pool would break. The workers need only this
+    module, which they import by name.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in vars(main or {})}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            vars(main).pop("__file__", None)
+        yield
+    finally:
+        if main is not None:
+            vars(main).update(saved)
+
+
 def decode_files(files: list[Path], image_size: int, workers: int | None = None):
     """Decodes files, in worker processes when there are many.
 
     Threads do not help: decoding small PPMs is dominated by Python-level work under the GIL.
-    Workers are spawned, not forked, because forking a process that runs JAX can deadlock.
-    Spawning re-imports the caller's main module in each worker: cheap for `cnn-jax`, seconds
-    for a script that imports TensorFlow (use_cache then matters more).
+    Workers are spawned, not forked, because forking a process that runs JAX can deadlock; they
+    do not import the caller's main module (`_main_hidden`), so a script without a
+    `__main__` guard works. An exception while decoding (Ctrl-C; the CLI turns SIGTERM into
+    one) ends every worker before it propagates.
     Returns (images, kept_indices, skipped) where skipped lists (file, reason).
     """
     workers = workers or os.cpu_count() or 1
@@ -240,10 +263,22 @@ def decode_files(files: list[Path], image_size: int, workers: int | None = None)
         results = _decode_chunk(files, image_size)
     else:
         chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = pool.map(_decode_chunk, chunks, [image_size] * len(chunks))
-            results = [r for part in parts for r in part]
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            with _main_hidden():
+                parts = list(pool.map(_decode_chunk, chunks, [image_size] * len(chunks)))
+        except BaseException:
+            # shutdown() alone would wait for every running chunk; the workers go now.
+            # (`_processes` is private, and the only handle on them ProcessPoolExecutor has.)
+            processes = list((pool._processes or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join()
+            raise
+        pool.shutdown()
+        results = [r for part in parts for r in part]
     images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
     kept, skipped = [], []
     for i, r in enumerate(results):

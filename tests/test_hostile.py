@@ -214,3 +214,49 @@ def test_resume_fallback_gets_past_a_corrupt_latest_checkpoint(run, capsys):
     assert f"moved it to {aside}" in err and aside.is_dir()
     assert json.loads((run / "metrics.json").read_text())["selected_epoch"] == 3
     assert main(args[:2] + ["4"] + args[3:]) == 0  # and on: no "already exists"
+
+
+def test_a_script_without_a_main_guard_loads_with_worker_processes(tmp_path, cs50_folder):
+    import subprocess
+    import sys
+
+    script = tmp_path / "quick.py"
+    script.write_text(
+        "import sys\n"
+        "from cnn_jax import data\n"
+        "data._PARALLEL_FROM = 1  # workers even for a few files\n"
+        "ds = data.load_folder(sys.argv[1], use_cache=False)\n"
+        "print('loaded', len(ds.labels), 'skipped', len(ds.skipped))\n"
+    )
+    done = subprocess.run([sys.executable, str(script), str(cs50_folder)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["loaded 14 skipped 3"]  # the script ran once
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from cnn_jax import cli, data
+
+    write_image(tmp_path / "a.png")
+    monkeypatch.setattr(data, "_PARALLEL_FROM", 1)
+    monkeypatch.setattr(data, "_CHUNK", 1)  # 20,000 tiny tasks: seconds of work to cut short
+    sig = getattr(signal, signum)
+    previous = signal.signal(signal.SIGTERM, cli._terminate)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), sig))
+    try:
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            data.decode_files([tmp_path / "a.png"] * 20_000, 8, workers=2)
+        assert time.perf_counter() - t0 < 30
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert multiprocessing.active_children() == []
