@@ -3,7 +3,6 @@
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import os
 import signal
 import sys
@@ -15,7 +14,7 @@ from cnn_jax import backend
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
-from cnn_jax.report import test_line
+from cnn_jax.report import strict_json, test_line
 from cnn_jax.sources import load_configured
 
 
@@ -259,7 +258,7 @@ def _evaluate(args) -> int:
         load_checkpoint(args.checkpoint, args.platform), args.data, args.layout, args.cache_dir
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
         return 0
     print(f"checkpoint: {result['checkpoint']}")
     print(
@@ -305,7 +304,7 @@ def _predict(args) -> int:
             }
             for path, top, members in results
         ]
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows))
     return 2 if failed else 0
 
 
@@ -369,7 +368,7 @@ def _info(args) -> int:
         "epochs": r.meta["epochs"],
     }
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(strict_json(info))
         return 0
     for key in ("checkpoint", "model", "params", "step", "epoch", "step_in_epoch"):
         print(f"{key}: {info[key]}")

@@ -303,7 +303,8 @@ def _cache_key(root: Path, files: list[Path], layout: str, image_size: int) -> s
     prefix = len(str(root)) + 1
     for f in map(str, files):
         st = os.stat(f)
-        h.update(f"{f[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 (Linux allows any bytes) keeps its bytes.
+        h.update(f"{f[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
     return h.hexdigest()[:24]
 
 

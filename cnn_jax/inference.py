@@ -148,6 +148,11 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
     if images:
         batch = np.stack(images)
         probs = np.asarray(restored.predictor.probabilities(restored.params, batch))
+        if not np.isfinite(probs).all():
+            raise ValueError(
+                f"the network in {restored.directory} outputs non-numbers (NaN or infinite): "
+                "its weights are broken; train or import it again"
+            )
         each = None
         if restored.predictor.members:
             each = np.asarray(restored.predictor.member_probabilities(restored.params, batch))

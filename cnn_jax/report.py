@@ -1,5 +1,7 @@
 """What a run shows while it trains: the progress bar, the epoch lines, TensorBoard scalars."""
 
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,6 +80,25 @@ class Scalars:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def strict_json(value) -> str:
+    """JSON every parser reads: a NaN or infinity (which Python's json writes as the non-JSON
+    `NaN`) becomes null, and the object that held it gets "non_finite": true."""
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            out = {k: clean(x) for k, x in v.items()}
+            if any(isinstance(x, float) and not math.isfinite(x) for x in v.values()):
+                out["non_finite"] = True
+            return out
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
 
 
 def test_line(loss: float, accuracy: float) -> str:

@@ -37,7 +37,7 @@ def check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path
 
 def data_fingerprint(dataset: data_lib.Dataset) -> str:
     """SHA-256 of the file names, labels and pixels, to refuse resuming on other data."""
-    h = hashlib.sha256("\n".join(map(str, dataset.paths)).encode())
+    h = hashlib.sha256("\n".join(map(str, dataset.paths)).encode(errors="surrogateescape"))
     h.update(np.ascontiguousarray(dataset.labels, np.int32).tobytes())
     h.update(np.ascontiguousarray(dataset.images).tobytes())
     return h.hexdigest()

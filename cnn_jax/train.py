@@ -4,7 +4,7 @@ The parts live beside it: steps.py (the compiled steps), loop.py (one epoch), ru
 (resume and save), checkpoint.py (orbax).
 """
 
-import json
+import dataclasses
 import resource
 import statistics
 import sys
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cnn_jax import backend
+from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.guards import Diverged, prior_entropy, stuck_advice, stuck_reason
@@ -24,7 +24,7 @@ from cnn_jax.loop import Interrupted, epoch_order, train_epoch
 from cnn_jax.models import count_params
 from cnn_jax.optim import schedule
 from cnn_jax.predictor import ceil_div, evaluate
-from cnn_jax.report import Progress, Scalars, running
+from cnn_jax.report import Progress, Scalars, running, strict_json
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
 from cnn_jax.sources import split_run
 from cnn_jax.steps import Trainer, create_trainer, member_seeds
@@ -57,13 +57,9 @@ def fit(
     """
     num_classes = _num_classes(config, dataset)
     train_idx, val_idx, test_idx = split_run(config, dataset)
-    if config.batch_size > len(train_idx):
-        raise ValueError(
-            f"--batch-size {config.batch_size} is more than the {len(train_idx)} training "
-            f"images: use at most {len(train_idx)}"
-        )
     steps_per_epoch = ceil_div(len(train_idx), config.batch_size)
-    trainer, state = create_trainer(config, num_classes, steps_per_epoch)
+    run_config = _batch_for(config, len(train_idx))
+    trainer, state = create_trainer(run_config, num_classes, steps_per_epoch)
     train_images, train_labels, val_images, val_labels, test_images, test_labels = trainer.place(
         tuple(
             a[i] for i in (train_idx, val_idx, test_idx) for a in (dataset.images, dataset.labels)
@@ -191,8 +187,19 @@ def fit(
         store.close()
         scalars.close()
         metrics["checkpoints"] = str(store.directory)
-        (store.workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (store.workdir / "metrics.json").write_text(strict_json(metrics) + "\n")
     return state, metrics
+
+
+def _batch_for(config: Config, n_train: int) -> Config:
+    """A batch larger than the training split is one batch of the whole split (as Keras runs
+    it) computed at the split's size, rounded up to a multiple of the devices: padding it to
+    the asked size would compute the same update in up to thousands of times the work."""
+    if config.batch_size <= n_train:
+        return config
+    devices = parallel.create_mesh(config.devices, backend.resolve_platform(config.platform)).size
+    batch = ceil_div(n_train, devices) * devices
+    return dataclasses.replace(config, batch_size=min(batch, config.batch_size))
 
 
 def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:

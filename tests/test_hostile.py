@@ -3,12 +3,14 @@
 import hashlib
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import write_image
 from PIL import Image
 
 from cnn_jax.cli import main
+from cnn_jax.config import Config
 
 CSV_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 
@@ -108,10 +110,19 @@ def test_class_folders_that_cannot_train(tmp_path, capsys, folders, message):
     assert _tree(root) == before
 
 
-def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
-    args = ["train", "--batch-size", "100000", "--synthetic-per-class", "2", "--epochs", "1"]
-    args += ["--platform", "cpu", "--workdir", str(tmp_path / "w")]
-    _fails(capsys, args, "--batch-size 100000 is more than the 51 training images")
+def test_a_batch_larger_than_the_training_split_runs_at_the_splits_size():
+    from cnn_jax import train
+    from cnn_jax.synthetic import make_synthetic
+
+    tiny = make_synthetic(2)
+    big = Config(batch_size=100_000, epochs=1, platform="cpu", devices=1, synthetic_per_class=2)
+    state, metrics = train.fit(big, tiny, verbose=False)
+    exact = Config(batch_size=metrics["n_train"], epochs=1, platform="cpu", devices=1,
+                   synthetic_per_class=2)  # fmt: skip
+    ref, ref_metrics = train.fit(exact, tiny, verbose=False)
+    assert metrics["n_train"] == 51 and metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_16_bit_grey_png_keeps_its_greys(tmp_path):
@@ -260,3 +271,30 @@ def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
     assert multiprocessing.active_children() == []
+
+
+def test_a_file_name_that_is_not_utf8_trains_and_caches(tmp_path, capsys):
+    import os
+
+    root = tmp_path / "d"
+    for c in range(2):
+        for i in range(3):
+            write_image(root / str(c) / f"{c}{i}.png", seed=3 * c + i)
+    odd = os.path.join(os.fsencode(root / "1"), b"caf\xe9.png")
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(odd, format="PNG")
+    for n in range(2):  # the second run reads the cache the first wrote
+        args = ["train", str(root), "--epochs", "1", "--batch-size", "2", "--devices", "1"]
+        args += ["--platform", "cpu", "--workdir", str(tmp_path / f"w{n}"), "--quiet"]
+        args += ["--cache-dir", str(tmp_path / "cache")]
+        assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "w0" / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_test"] == 7
+
+
+def test_json_output_is_strict():
+    from cnn_jax.report import strict_json
+
+    text = strict_json({"loss": float("nan"), "rows": [{"p": float("inf"), "q": 1.0}], "n": 3})
+    parsed = json.loads(text, parse_constant=pytest.fail)
+    assert parsed == {"loss": None, "rows": [{"p": None, "q": 1.0, "non_finite": True}], "n": 3,
+                      "non_finite": True}  # fmt: skip
