@@ -52,7 +52,11 @@ def _run(*args, cwd):
     "make, args, message",
     [
         (None, ["train", "missing-folder"], "does not exist"),
-        (lambda d: (d / "data" / "signs").mkdir(parents=True), ["train", "data"], "not a whole number"),
+        (
+            lambda d: (d / "data" / "signs").mkdir(parents=True),
+            ["train", "data"],
+            "not a whole number",
+        ),
         (None, ["train", "--test-size", "1.5", "--synthetic-per-class", "2"], "--test-size"),
         (None, ["train", "--lr", "-1"], "--lr must be above 0"),
         (None, ["train", ""], "the data argument must be a non-empty text"),

@@ -298,3 +298,23 @@ def test_json_output_is_strict():
     parsed = json.loads(text, parse_constant=pytest.fail)
     assert parsed == {"loss": None, "rows": [{"p": None, "q": 1.0, "non_finite": True}], "n": 3,
                       "non_finite": True}  # fmt: skip
+
+
+def test_the_readme_python_example_runs_as_a_plain_script(tmp_path, cs50_folder):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"path/to/gtsrb"', f"{str(cs50_folder)!r}, cache_dir={str(tmp_path)!r}")
+    code = code.replace("epochs=10", 'epochs=1, platform="cpu"')
+    code = code.replace('"runs/m2-python"', repr(str(tmp_path / "run")))
+    assert "cache_dir" in code and "epochs=1" in code  # the example still has those parts
+    (tmp_path / "example.py").write_text(code)
+    done = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
