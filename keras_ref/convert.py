@@ -5,6 +5,7 @@ every array copies as it is, matched by position in the model.
 """
 
 import dataclasses
+import zipfile
 from pathlib import Path
 
 import keras
@@ -124,6 +125,11 @@ def set_keras_weights(state, net: keras.Model, model: int) -> None:
         nnx.replace_by_pure_dict(state.batch_stats, stats)
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(magic)) == magic
+
+
 def load_keras(path: Path | str) -> keras.Model:
     """A `.keras` or legacy `.h5` file, loaded in Keras' safe mode (no code is executed)."""
     path = Path(path)
@@ -131,6 +137,11 @@ def load_keras(path: Path | str) -> keras.Model:
         raise ConversionError(f"{path} does not exist")
     if path.suffix not in (".keras", ".h5"):
         raise ConversionError(f"{path} is not a .keras or .h5 file")
+    # Keras answers "File not found" for a file that exists but is not a model archive.
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ConversionError(f"{path} is not a Keras model: a .keras file is a zip archive")
+    if path.suffix == ".h5" and not _starts_with(path, b"\x89HDF\r\n\x1a\n"):
+        raise ConversionError(f"{path} is not a Keras model: a .h5 file is an HDF5 file")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many kinds for damaged or foreign files

@@ -185,10 +185,13 @@ def test_another_architecture_names_the_first_differing_layer(tmp_path, capsys):
 
 def test_bad_keras_files_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "junk.keras").write_bytes(b"PK not a zip")
-    assert main(["import-keras", str(tmp_path / "junk.keras"), str(tmp_path / "ck")]) == 2
-    assert main(["import-keras", str(tmp_path / "none.keras"), str(tmp_path / "ck")]) == 2
+    (tmp_path / "notes.h5").write_text("just text")
+    for name in ("junk.keras", "none.keras", "notes.h5"):
+        assert main(["import-keras", str(tmp_path / name), str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "cannot load" in err[0] and "does not exist" in err[1]
+    assert len(err) == 3 and "does not exist" in err[1]
+    assert "is not a Keras model: a .keras file is a zip archive" in err[0]
+    assert "is not a Keras model: a .h5 file is an HDF5 file" in err[2]
 
 
 def test_compare_script_quick_mode_prints_the_table():
