@@ -10,6 +10,7 @@ with `scripts/resize_effect.py` (see README). Never imports TensorFlow.
 import contextlib
 import csv
 import dataclasses
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -264,6 +265,10 @@ def decode_files(files: list[Path], image_size: int, workers: int | None = None)
     else:
         chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # No garbage collection while waiting: Python prints and drops an exception raised in a
+        # collection callback (JAX registers one), and a Ctrl-C or SIGTERM arriving there was lost.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with _main_hidden():
                 parts = list(pool.map(_decode_chunk, chunks, [image_size] * len(chunks)))
@@ -277,6 +282,9 @@ def decode_files(files: list[Path], image_size: int, workers: int | None = None)
             for process in processes:
                 process.join()
             raise
+        finally:
+            if collecting:
+                gc.enable()
         pool.shutdown()
         results = [r for part in parts for r in part]
     images = np.zeros((len(files), image_size, image_size, 3), np.uint8)

@@ -257,15 +257,16 @@ def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum
 
     write_image(tmp_path / "a.png")
     monkeypatch.setattr(data, "_PARALLEL_FROM", 1)
-    monkeypatch.setattr(data, "_CHUNK", 1)  # 20,000 tiny tasks: seconds of work to cut short
+    # 200,000 tiny tasks: far more work (tens of seconds) than the second before the signal.
+    monkeypatch.setattr(data, "_CHUNK", 1)
     sig = getattr(signal, signum)
     previous = signal.signal(signal.SIGTERM, cli._terminate)
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), sig))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), sig))
     try:
         timer.start()
         t0 = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
-            data.decode_files([tmp_path / "a.png"] * 20_000, 8, workers=2)
+            data.decode_files([tmp_path / "a.png"] * 200_000, 8, workers=2)
         assert time.perf_counter() - t0 < 30
     finally:
         timer.cancel()
