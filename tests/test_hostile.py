@@ -261,6 +261,8 @@ def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum
     monkeypatch.setattr(data, "_CHUNK", 1)
     sig = getattr(signal, signum)
     previous = signal.signal(signal.SIGTERM, cli._terminate)
+    # As in a terminal: a test runner started in the background inherits SIGINT ignored.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), sig))
     try:
         timer.start()
@@ -271,6 +273,7 @@ def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert multiprocessing.active_children() == []
 
 
