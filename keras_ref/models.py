@@ -20,19 +20,7 @@ def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> ker
             layers.Conv2D(64, (3, 3), activation="relu", name="conv2"),
             layers.MaxPooling2D(pool_size=(2, 2), name="pool2"),
         ]
-    net = keras.Sequential(
-        [
-            keras.Input(shape=(image_size, image_size, 3)),
-            *blocks,
-            layers.Flatten(name="flatten"),
-            layers.Dense(128, activation="relu", name="dense1"),
-            layers.Dropout(0.5, name="dropout"),
-            layers.Dense(num_classes, activation="softmax", name="logits"),
-        ],
-        name=f"model{model}",
-    )
-    compile_model(net)
-    return net
+    return _sequential(f"model{model}", image_size, blocks, 128, num_classes)
 
 
 def _model3(image_size: int, num_classes: int) -> keras.Sequential:
@@ -45,16 +33,22 @@ def _model3(image_size: int, num_classes: int) -> keras.Sequential:
             layers.ReLU(name=f"relu{i}"),
             layers.MaxPooling2D(pool_size=(2, 2), name=f"pool{i}"),
         ]
+    return _sequential("model3", image_size, blocks, 256, num_classes)
+
+
+def _sequential(name, image_size, blocks, hidden, num_classes) -> keras.Sequential:
+    """Input, the conv blocks, then the head every model shares, compiled as the tutorial does:
+    Flatten, Dense(hidden, relu), Dropout(0.5), Dense(classes, softmax)."""
     net = keras.Sequential(
         [
             keras.Input(shape=(image_size, image_size, 3)),
             *blocks,
             layers.Flatten(name="flatten"),
-            layers.Dense(256, activation="relu", name="dense1"),
+            layers.Dense(hidden, activation="relu", name="dense1"),
             layers.Dropout(0.5, name="dropout"),
             layers.Dense(num_classes, activation="softmax", name="logits"),
         ],
-        name="model3",
+        name=name,
     )
     compile_model(net)
     return net
