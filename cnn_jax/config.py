@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
-PIXELS = ("unit", "raw", "standard")
+PIXELS = ("unit", "raw", "standard", "equalize")
 SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -70,7 +70,7 @@ class Config:
     pixels: str = setting(
         "unit",
         "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck); standard: "
-        "each image to zero mean and unit spread",
+        "each image to zero mean and unit spread; equalize: histogram equalisation, then standard",
         choices=PIXELS,
         resume=True,
     )

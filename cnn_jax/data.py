@@ -496,16 +496,48 @@ def scale_pixels(images, pixels: str):
     'unit' divides by 255, 'raw' keeps 0..255 as the tutorial does, 'standard' gives each image
     zero mean and unit spread over all its pixels (TensorFlow's per_image_standardization):
     dark and washed-out photos, common in GTSRB, reach the network at one contrast.
+    'equalize' first equalises each image's histogram (see `_equalize`), then standardises.
     """
     x = images.astype("float32")
     if pixels == "unit":
         return x / 255.0
     if pixels == "raw":
         return x
-    if pixels == "standard":
+    if pixels == "equalize":
+        x = _equalize(x)
+    if pixels in ("standard", "equalize"):
         x = x / 255.0
         axes = (-3, -2, -1)
         # The floor keeps a flat image (one colour) from being blown up to noise.
         spread = x.std(axis=axes, keepdims=True).clip(min=1.0 / 64)
         return (x - x.mean(axis=axes, keepdims=True)) / spread
     raise ValueError(f"unknown pixel scaling {pixels!r}: choose one of {', '.join(PIXELS)}")
+
+
+def _equalize(x):
+    """Histogram equalisation of float 0..255 NHWC images (NumPy or JAX), one curve per image.
+
+    The tone curve is the cumulative histogram of the image's luminance (256 bins), applied to
+    all three channels alike, so colours keep their order and roughly their hue; it spreads a
+    dark sign in front of a bright sky over the whole range, which a linear rescaling cannot.
+    A bincount over all images at once: sorting each image and searching it took 14 ms per
+    batch of 64 on CPU, this about 1 ms.
+    """
+    xp = np if isinstance(x, np.ndarray) else _jnp()
+    weights = np.array([0.299, 0.587, 0.114], np.float32)[: x.shape[-1]]
+    flat = x.reshape(-1, x.shape[-3] * x.shape[-2], x.shape[-1])
+    n, pixels = flat.shape[:2]
+    offsets = 256 * xp.arange(n)[:, None]
+    level = lambda v: xp.clip(v, 0, 255).astype(np.int32)  # noqa: E731
+    luminance = level(flat @ (weights / weights.sum())) + offsets
+    size = dict(minlength=256 * n) if xp is np else dict(length=256 * n)  # jit needs a length
+    counts = xp.bincount(luminance.reshape(-1), **size)
+    curve = xp.cumsum(counts.reshape(n, 256), axis=1) * np.float32(255.0 / pixels)
+    rows = xp.arange(n)[:, None, None]
+    return curve[rows, level(flat)].astype(np.float32).reshape(x.shape)
+
+
+def _jnp():
+    import jax.numpy as jnp  # only JAX arrays get here; the decode workers never import JAX
+
+    return jnp

@@ -81,6 +81,33 @@ def test_standard_pixels_have_zero_mean_and_unit_spread():
     assert np.all(np.isfinite(flat)) and np.all(flat == 0)
 
 
+def test_equalized_pixels_spread_a_dark_image_and_agree_between_numpy_and_jax():
+    # A dark sign (values 0..40) on a bright sky: equalisation spreads the dark part apart.
+    rng = np.random.default_rng(1)
+    image = np.full((1, 16, 16, 3), 230, np.uint8)
+    image[0, 4:12, 4:12] = rng.integers(0, 41, (8, 8, 3))
+    eq = data.scale_pixels(image, "equalize")
+    std = data.scale_pixels(image, "standard")
+    sign = (slice(None), slice(4, 12), slice(4, 12))
+    assert eq[sign].std() > 1.5 * std[sign].std()
+    np.testing.assert_allclose(eq.mean(), 0, atol=1e-5)
+    np.testing.assert_allclose(eq.std(), 1, atol=1e-4)
+    # One tone curve for all channels: a pixel's channel order is kept.
+    assert np.all(np.diff(image.astype(int), axis=-1) * np.diff(eq, axis=-1) >= 0)
+    # A gamma-brightened grey image (a monotone, not linear, change) equalises to the same
+    # image; standard pixels, a linear map, cannot undo it.
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    brighter = (255 * (grey / 255) ** 0.5).round().astype(np.uint8)
+    for pixels, same in (("equalize", True), ("standard", False)):
+        change = np.abs(data.scale_pixels(brighter, pixels) - data.scale_pixels(grey, pixels))
+        assert (change.max() < 1e-5) == same
+    batch = _images()
+    on_jax = jax.jit(lambda x: data.scale_pixels(x, "equalize"))(jnp.asarray(batch))
+    np.testing.assert_allclose(on_jax, data.scale_pixels(batch, "equalize"), atol=1e-5)
+    flat = data.scale_pixels(np.full((1, 4, 4, 3), 9, np.uint8), "equalize")
+    assert np.all(flat == 0)
+
+
 def test_model_3_shape_and_parameter_count():
     model = models.create_model(3, image_size=32, num_classes=43)
     assert models.count_params(model) == 629_067
@@ -119,13 +146,20 @@ def test_cli_recipe_is_overridable(tmp_path, capsys):
     assert saved.augment and saved.label_smoothing == 0.1  # from the recipe
 
 
-def test_resume_is_bit_identical_with_augmentation_and_batch_norm(small, tmp_path):
-    ref, ref_metrics = train.fit(STRONG, small, verbose=False)
+def _uninterrupted_and_resumed(cfg, data, workdir, stop_at_call):
+    """(state, metrics) of a run straight through, and of one stopped after `stop_at_call`
+    compiled calls and resumed; the resumed state's digest must equal the straight run's."""
+    ref, ref_metrics = train.fit(cfg, data, verbose=False)
     stop = iter(range(1, 100))
     with pytest.raises(train.Interrupted):
-        train.fit(STRONG, small, tmp_path, verbose=False, should_stop=lambda: next(stop) == 5)
-    state, metrics = train.fit(STRONG, small, tmp_path, verbose=False)
+        train.fit(cfg, data, workdir, verbose=False, should_stop=lambda: next(stop) == stop_at_call)
+    state, metrics = train.fit(cfg, data, workdir, verbose=False)
     assert checkpoint.params_digest(state.weights) == checkpoint.params_digest(ref.weights)
+    return (ref, ref_metrics), (state, metrics)
+
+
+def test_resume_is_bit_identical_with_augmentation_and_batch_norm(small, tmp_path):
+    (_, ref_metrics), (_, metrics) = _uninterrupted_and_resumed(STRONG, small, tmp_path, 5)
     assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
 
 
@@ -183,16 +217,10 @@ def test_an_ensemble_of_identical_members_equals_one_member(small):
 
 
 def test_ensemble_members_differ_and_resume_exactly(small, tmp_path):
-    cfg = _ensemble(2)
-    ref, ref_metrics = train.fit(cfg, small, verbose=False)
+    (ref, ref_metrics), (_, metrics) = _uninterrupted_and_resumed(_ensemble(2), small, tmp_path, 7)
     a, b = (jax.tree.leaves(ref.params)[0][m] for m in range(2))
     assert not np.allclose(a, b)  # seeds 0 and 1
     assert len(ref_metrics["member_test_accuracy"]) == 2
-    stop = iter(range(1, 100))
-    with pytest.raises(train.Interrupted):
-        train.fit(cfg, small, tmp_path, verbose=False, should_stop=lambda: next(stop) == 7)
-    state, metrics = train.fit(cfg, small, tmp_path, verbose=False)
-    assert checkpoint.params_digest(state.weights) == checkpoint.params_digest(ref.weights)
     assert metrics["member_test_accuracy"] == ref_metrics["member_test_accuracy"]
     restored = load_checkpoint(tmp_path)
     assert restored.predictor.members == 2 and restored.param_count() == metrics["params"]
