@@ -11,6 +11,7 @@ mid-save leaves nothing that is picked up later.
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the run."""
+
+
+class OtherNetwork(CheckpointError):
+    """An intact checkpoint of another architecture than the run's config builds."""
 
 
 def _leaves(tree) -> dict:
@@ -158,6 +163,9 @@ class Checkpoints:
             )
             flat = {k: np.asarray(v) for k, v in restored["state"].items()}
         except Exception as e:  # orbax raises many kinds for damaged files
+            other = self._other_shapes(step, target)
+            if other:
+                raise OtherNetwork(other) from None
             raise CheckpointError(self._corrupt(step, _first_line(e))) from None
         state = unflatten(template, flat, f"checkpoint step {step}")
         if params_digest(state.weights) != meta.get("params_sha256"):
@@ -190,6 +198,31 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def _other_shapes(self, step: int, target: dict[str, np.ndarray]) -> str | None:
+        """Why a readable step does not fit `target`: it holds another network than the run's
+        config builds (Model 3 of 418957f and before had one convolution per block), which is
+        not damage. None if its arrays are what `target` asks for, or cannot be listed."""
+        logger = logging.getLogger("absl")  # orbax warns of a metadata file it does not need
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+            shapes = {k: tuple(v.shape) for k, v in stored.item_metadata.tree.items()}
+        except Exception:
+            return None
+        finally:
+            logger.setLevel(level)
+        wanted = {k: tuple(v.shape) for k, v in target.items()}
+        if shapes == wanted:
+            return None
+        odd = sorted(set(shapes) ^ set(wanted)) or [k for k in wanted if shapes[k] != wanted[k]]
+        return (
+            f"checkpoint step {step} in {self.directory} holds another network than its run's "
+            f"config builds ({len(shapes)} arrays against {len(wanted)}; first difference: "
+            f"{odd[0]}): another version of cnn-jax saved it (Model 3 of 418957f and before "
+            "had one convolution per block); use that version, or train again (--restart)"
+        )
 
     def _corrupt(self, step: int, why: str) -> str:
         return f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {why}"

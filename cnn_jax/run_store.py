@@ -126,12 +126,14 @@ def restore_latest(store, template, fallback: bool, say, check):
 
     `check(meta)` runs before the arrays are read, so a changed setting is named as such.
     """
-    from cnn_jax.checkpoint import CheckpointError
+    from cnn_jax.checkpoint import CheckpointError, OtherNetwork
 
     for step in reversed(store.steps()):
         try:
             check(store.read_meta(step))
             return store.restore(step, template)
+        except OtherNetwork:
+            raise  # not damage: setting it aside and training afresh would hide the cause
         except CheckpointError as e:
             if not fallback:
                 msg = f"{e}; --resume-fallback resumes from the newest intact one"

@@ -15,6 +15,7 @@ from flax import nnx
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.config import PIXELS, Config
 from cnn_jax.inference import load_checkpoint
+from cnn_jax.models import Model3
 from cnn_jax.steps import create_trainer
 from keras_ref.models import create_model
 
@@ -95,15 +96,20 @@ def _layer_names(model: int) -> list[tuple[str, tuple[str, ...]]]:
     """(cnn_jax path, array names) of each Keras layer that has weights, in order."""
     dense = [("dense1", ("kernel", "bias")), ("logits", ("kernel", "bias"))]
     if model == 3:
-        blocks = [(f"convs/{i}", _CONV3) for i in range(3)]
-        norms = [(f"norms/{i}", _NORM3) for i in range(3)]
-        return [x for pair in zip(blocks, norms) for x in pair] + dense
+        # Keras' order: conv1a, norm1a, conv1b, norm1b, conv2a, ...
+        return [
+            (f"{kind}{second}/{i}", names)
+            for i in range(len(Model3.WIDTHS))
+            for second in ("", "2")
+            for kind, names in (("convs", _CONV3), ("norms", _NORM3))
+        ] + dense
     return [(f"conv{i}", ("kernel", "bias")) for i in range(1, model + 1)] + dense
 
 
 def keras_weights(net: keras.Model, model: int) -> dict[str, dict[str, np.ndarray]]:
     """{'conv1': {'kernel', 'bias'}, ...} from a Keras model of the given architecture
-    (Model 3: {'convs/0': {'kernel'}, 'norms/0': {'scale', 'bias', 'mean', 'var'}, ...})."""
+    (Model 3: {'convs/0': {'kernel'}, 'norms/0': {'scale', 'bias', 'mean', 'var'},
+    'convs2/0': ..., 'norms2/0': ..., 'convs/1': ...})."""
     layers = [layer for layer in net.layers if layer.weights]
     return {
         path: {name: np.asarray(w.numpy()) for name, w in zip(names, layer.weights, strict=True)}

@@ -26,13 +26,14 @@ def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> ker
 def _model3(image_size: int, num_classes: int) -> keras.Sequential:
     blocks = []
     for i, filters in enumerate((32, 64, 128), start=1):
-        blocks += [
-            layers.Conv2D(filters, (3, 3), padding="same", use_bias=False, name=f"conv{i}"),
-            # Keras' defaults, which cnn_jax's Model 3 copies: momentum 0.99, epsilon 1e-3.
-            layers.BatchNormalization(name=f"norm{i}"),
-            layers.ReLU(name=f"relu{i}"),
-            layers.MaxPooling2D(pool_size=(2, 2), name=f"pool{i}"),
-        ]
+        for j in "ab":
+            blocks += [
+                layers.Conv2D(filters, (3, 3), padding="same", use_bias=False, name=f"conv{i}{j}"),
+                # Keras' defaults, which cnn_jax's Model 3 copies: momentum 0.99, epsilon 1e-3.
+                layers.BatchNormalization(name=f"norm{i}{j}"),
+                layers.ReLU(name=f"relu{i}{j}"),
+            ]
+        blocks.append(layers.MaxPooling2D(pool_size=(2, 2), name=f"pool{i}"))
     return _sequential("model3", image_size, blocks, 256, num_classes)
 
 

@@ -186,6 +186,24 @@ def test_checkpoint_meta_of_the_wrong_shape_is_one_line(run, capsys, change, mes
     _fails(capsys, args, message)
 
 
+def test_a_checkpoint_of_another_architecture_is_named_so_and_never_set_aside(run, capsys):
+    # What an old Model 3 run looks like to a newer cnn-jax: meta names a network whose arrays
+    # the checkpoint does not hold (here Model 1's config on Model 2's arrays).
+    for step in (run / "checkpoints").iterdir():
+        path = step / "meta" / "metadata"
+        meta = json.loads(path.read_text())
+        meta["config"]["model"] = 1
+        path.write_text(json.dumps(meta))
+    message = "holds another network than its run's config builds"
+    _fails(capsys, ["evaluate", str(run), "--platform", "cpu"], message)
+    before = _tree(run)
+    args = ["train", "--model", "1", "--epochs", "3", "--synthetic-per-class", "3"]
+    _fails(
+        capsys, args + ["--platform", "cpu", "--workdir", str(run), "--resume-fallback"], message
+    )
+    assert _tree(run) == before and not (run / "checkpoints-set-aside").exists()
+
+
 def test_evaluate_refuses_a_run_whose_data_changed(tmp_path, cs50_folder, capsys):
     workdir = tmp_path / "run"
     assert (

@@ -110,7 +110,7 @@ def test_equalized_pixels_spread_a_dark_image_and_agree_between_numpy_and_jax():
 
 def test_model_3_shape_and_parameter_count():
     model = models.create_model(3, image_size=32, num_classes=43)
-    assert models.count_params(model) == 629_067
+    assert models.count_params(model) == 823_051
     x = jnp.zeros((2, 32, 32, 3))
     assert model(x).shape == (2, 43)
     with pytest.raises(ValueError, match="too small for model 3"):
@@ -123,7 +123,7 @@ def test_model_3_evaluates_with_running_statistics(small):
     state = trainer.train_step(state, *trainer.place((small.images, small.labels)),
                                trainer.place(np.arange(32, dtype=np.int32)), 32, 0, 0)  # fmt: skip
     stats = jax.tree.leaves(state.batch_stats)
-    assert len(stats) == 6 and any(np.abs(np.asarray(s)).sum() > 0 for s in stats[::2])
+    assert len(stats) == 12 and any(np.abs(np.asarray(s)).sum() > 0 for s in stats[::2])
     images = trainer.place(small.images[:16])
     alone = trainer.predictor.apply(state.weights, images[:1])
     together = trainer.predictor.apply(state.weights, images)
