@@ -163,7 +163,7 @@ class Checkpoints:
             )
             flat = {k: np.asarray(v) for k, v in restored["state"].items()}
         except Exception as e:  # orbax raises many kinds for damaged files
-            other = self._other_shapes(step, target)
+            other = self._other_shapes(step, template)
             if other:
                 raise OtherNetwork(other) from None
             raise CheckpointError(self._corrupt(step, _first_line(e))) from None
@@ -199,30 +199,28 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _other_shapes(self, step: int, target: dict[str, np.ndarray]) -> str | None:
-        """Why a readable step does not fit `target`: it holds another network than the run's
+    def _other_shapes(self, step: int, template) -> str | None:
+        """Why a readable step does not fit `template`: it holds another network than the run's
         config builds (Model 3 of 418957f and before had one convolution per block), which is
-        not damage. None if its arrays are what `target` asks for, or cannot be listed."""
+        not damage. None if its arrays fit (by `unflatten`'s check), or cannot be listed."""
         logger = logging.getLogger("absl")  # orbax warns of a metadata file it does not need
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
             stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
-            shapes = {k: tuple(v.shape) for k, v in stored.item_metadata.tree.items()}
+            unflatten(template, stored.item_metadata.tree, "it")
+            return None
+        except CheckpointError as mismatch:
+            return (
+                f"checkpoint step {step} in {self.directory} holds another network than its "
+                f"run's config builds ({mismatch}): another version of cnn-jax saved it (Model 3 "
+                "of 418957f and before had one convolution per block); use that version, or "
+                "train again (--restart)"
+            )
         except Exception:
             return None
         finally:
             logger.setLevel(level)
-        wanted = {k: tuple(v.shape) for k, v in target.items()}
-        if shapes == wanted:
-            return None
-        odd = sorted(set(shapes) ^ set(wanted)) or [k for k in wanted if shapes[k] != wanted[k]]
-        return (
-            f"checkpoint step {step} in {self.directory} holds another network than its run's "
-            f"config builds ({len(shapes)} arrays against {len(wanted)}; first difference: "
-            f"{odd[0]}): another version of cnn-jax saved it (Model 3 of 418957f and before "
-            "had one convolution per block); use that version, or train again (--restart)"
-        )
 
     def _corrupt(self, step: int, why: str) -> str:
         return f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {why}"
