@@ -109,8 +109,9 @@ class _Sequential(nnx.Module):
             ("logits", self.logits),
         ]
 
-    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits for NHWC images; dropout runs only when a key is given."""
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None, mask=None):
+        """Logits for NHWC images; dropout runs only when a key is given. `mask` (which rows
+        of the batch are images, not padding) matters only to batch norm: none here."""
         for conv in self.convs():
             x = conv.pooled_relu(x) if self.pool_first else ops.max_pool_2x2(nnx.relu(conv(x)))
         x = nnx.relu(self.dense1(_flatten(x)))
@@ -188,13 +189,21 @@ class Model3(nnx.Module):
         self.convs2 = nnx.List([layers.conv3x3(b, b, rngs, use_bias=False) for b in self.WIDTHS])
         self.norms2 = nnx.List([_batch_norm(b, layers, rngs) for b in self.WIDTHS])
 
-    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits; with a dropout key it trains (batch statistics, updating the running ones)."""
+    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None, mask=None):
+        """Logits; with a dropout key it trains (batch statistics, updating the running ones).
+
+        `mask` (batch,) marks the rows that are images: the padding of an epoch's last batch
+        then takes no part in the batch statistics, so it changes neither the update of the
+        real images nor the running statistics.
+        """
         running = dropout_key is None
         for block in zip(self.convs, self.norms, self.convs2, self.norms2):
             for conv, norm in (block[:2], block[2:]):
                 x = conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))  # "same", for either conv
-                x = nnx.relu(norm(x, use_running_average=running))
+                rows = (
+                    None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
+                )
+                x = nnx.relu(norm(x, use_running_average=running, mask=rows))
             x = ops.max_pool_2x2(x)
         x = nnx.relu(self.dense1(_flatten(x)))
         return self.logits(self.dropout(x, deterministic=running, rngs=dropout_key))

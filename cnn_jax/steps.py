@@ -117,12 +117,13 @@ class Trainer:
         """Copies arrays (a state, a data set) onto every device of the mesh."""
         return self.predictor.place(tree)
 
-    def apply(self, params, images, dropout_key=None, batch_stats=None):
+    def apply(self, params, images, dropout_key=None, batch_stats=None, mask=None):
         """Float32 training logits of one network for uint8 (or 0..255 float) images (bf16
-        models compute in bf16, the loss not), and its batch statistics after the call."""
+        models compute in bf16, the loss not), and its batch statistics after the call;
+        `mask` marks the rows that are images rather than padding."""
         x = data_lib.scale_pixels(images, self.pixels)
         model = nnx.merge(self.graphdef, params, *([batch_stats] if batch_stats else []))
-        logits = model(x, dropout_key=dropout_key).astype(jnp.float32)
+        logits = model(x, dropout_key=dropout_key, mask=mask).astype(jnp.float32)
         return logits, nnx.state(model, nnx.BatchStat)
 
     def init_state(self, params, batch_stats=None) -> TrainState:
@@ -186,7 +187,7 @@ class Trainer:
         # The statistics go in as an argument: NNX updates them only inside the trace that
         # made them (and their gradient, zero, costs nothing).
         def loss_fn(params, batch_stats):
-            logits, batch_stats = self.apply(params, x, key, batch_stats)
+            logits, batch_stats = self.apply(params, x, key, batch_stats, weights > 0)
             loss = cross_entropy(logits, y, weights, self.label_smoothing)
             return loss, (logits, batch_stats)
 
