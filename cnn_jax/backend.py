@@ -11,6 +11,7 @@ import os
 
 # JAX is imported inside the functions, so that `cnn-jax --help` stays fast without it.
 from cnn_jax.config import PLATFORMS, PRECISIONS
+from cnn_jax.errors import UserError
 
 # XLA:GPU runs some reductions with atomics and autotunes kernels by timing them, so two runs
 # can round differently; this flag excludes both (measured on an H100: +15-35% per step).
@@ -22,9 +23,18 @@ IMAGES_PER_CALL = 16_384
 
 
 def _backends_started() -> bool:
+    """Whether JAX has started a backend (and so read XLA_FLAGS). JAX 0.10 and 0.11 say so only
+    through a private function: if a later JAX drops it, this raises rather than guess, since
+    a wrong guess would record a run as deterministic that is not."""
     from jax._src import xla_bridge  # no public equivalent in JAX 0.10/0.11
 
-    return getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+    probe = getattr(xla_bridge, "backends_are_initialized", None)
+    if probe is None:
+        raise RuntimeError(
+            "this JAX no longer has jax._src.xla_bridge.backends_are_initialized: cnn_jax.backend "
+            "cannot tell whether XLA_FLAGS was read; update it for this JAX version"
+        )
+    return probe()
 
 
 def deterministic_ops() -> bool:
@@ -41,7 +51,7 @@ def use_deterministic_ops(on: bool = True) -> None:
     if on == deterministic_ops():
         return
     if _backends_started():
-        raise ValueError(
+        raise UserError(
             f"deterministic ops must be chosen before JAX starts: call "
             f"cnn_jax.backend.use_deterministic_ops({on}) first, or set XLA_FLAGS"
         )
@@ -56,7 +66,7 @@ def resolve_platform(platform: str | None) -> str:
     if platform is None:
         return jax.default_backend()
     if platform not in PLATFORMS:
-        raise ValueError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+        raise UserError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
     return platform
 
 
@@ -68,7 +78,7 @@ def devices(platform: str | None = None) -> list:
     try:
         return jax.devices(platform)
     except RuntimeError:
-        raise ValueError(f"--platform {platform}: JAX finds no {platform.upper()} here") from None
+        raise UserError(f"--platform {platform}: JAX finds no {platform.upper()} here") from None
 
 
 def steps_per_call(setting: int | str, platform: str, steps_per_epoch: int, batch_size: int):
@@ -80,7 +90,7 @@ def steps_per_call(setting: int | str, platform: str, steps_per_epoch: int, batc
     """
     if setting != "auto":
         if not isinstance(setting, int) or setting < 1:
-            raise ValueError(f"--steps-per-call must be 'auto' or at least 1, got {setting!r}")
+            raise UserError(f"--steps-per-call must be 'auto' or at least 1, got {setting!r}")
         return setting
     if platform == "cpu":
         return 1
@@ -93,5 +103,5 @@ def matmul_precision(precision: str):
     """The value for `jax.default_matmul_precision`; None leaves JAX's default (TF32 on recent
     NVIDIA GPUs for float32, exact float32 on CPU)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     return None if precision == "default" else precision

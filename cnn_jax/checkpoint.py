@@ -9,6 +9,7 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 mid-save leaves nothing that is picked up later.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,13 +22,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cnn_jax.errors import UserError
+from cnn_jax.run_meta import RunMeta
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not fit the run."""
 
 
 class OtherNetwork(CheckpointError):
     """An intact checkpoint of another architecture than the run's config builds."""
+
+
+class RestoreFailed(RuntimeError):
+    """An intact checkpoint (its files match their SHA-256) that could not be restored: a bug
+    or a library change, not damage, so nothing is ever set aside for it."""
+
+
+# Beside orbax's files in each step's folder: the SHA-256 of every file it wrote, so that a
+# failed restore can tell damaged files from a failure of the code reading them.
+MANIFEST = "files.sha256.json"
 
 
 def _leaves(tree) -> dict:
@@ -106,8 +120,8 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, meta: dict[str, Any], val_accuracy: float | None = None):
-        meta = dict(
+    def save(self, step: int, state, meta: RunMeta, val_accuracy: float | None = None):
+        meta = dataclasses.replace(
             meta,
             step=int(step),
             val_accuracy=val_accuracy,
@@ -120,23 +134,21 @@ class Checkpoints:
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta.to_json())
             ),
             metrics=metrics,
             force=True,
         )
         self.manager.wait_until_finished()
+        _write_manifest(self.directory / str(int(step)))
 
-    def read_meta(self, step: int) -> dict[str, Any]:
+    def read_meta(self, step: int) -> RunMeta:
         path = self.directory / str(step) / "meta" / "metadata"
         try:
-            meta = json.loads(path.read_text())
+            return RunMeta.from_json(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
-            raise CheckpointError(self._corrupt(step, f"unreadable meta ({e})")) from None
-        problem = _meta_problem(meta)
-        if problem:
-            raise CheckpointError(self._corrupt(step, problem))
-        return meta
+            why = str(e) if isinstance(e, ValueError) and str(e).startswith("meta") else None
+            raise CheckpointError(self._corrupt(step, why or f"unreadable meta ({e})")) from None
 
     def set_aside(self, step: int) -> Path:
         """Moves a step's folder out of the checkpoints (to checkpoints-set-aside/) and returns
@@ -152,7 +164,7 @@ class Checkpoints:
         self.manager = self._open()
         return target
 
-    def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
+    def restore(self, step: int, template) -> tuple[Any, RunMeta]:
         """The state at `step`, shaped like `template`, with its meta; verified by digest."""
         meta = self.read_meta(step)
         target = {k: np.zeros(v.shape, v.dtype) for k, v in _leaves(template).items()}
@@ -166,11 +178,18 @@ class Checkpoints:
             other = self._other_shapes(step, template)
             if other:
                 raise OtherNetwork(other) from None
-            raise CheckpointError(self._corrupt(step, _first_line(e))) from None
+            damage = _damage(self.directory / str(step), e)
+            if damage is None:
+                raise RestoreFailed(
+                    f"checkpoint step {step} in {self.directory} is intact (every file matches "
+                    f"its SHA-256) but could not be restored ({_first_line(e)}); nothing was "
+                    "moved: this version of cnn-jax or orbax cannot read it"
+                ) from e
+            raise CheckpointError(self._corrupt(step, damage)) from None
         state = unflatten(template, flat, f"checkpoint step {step}")
-        if params_digest(state.weights) != meta.get("params_sha256"):
+        if params_digest(state.weights) != meta.params_sha256:
             raise CheckpointError(self._corrupt(step, "parameters do not match their SHA-256"))
-        if meta.get("state_sha256", params_digest(state)) != params_digest(state):
+        if (meta.state_sha256 or params_digest(state)) != params_digest(state):
             raise CheckpointError(
                 self._corrupt(step, "the training state does not match its SHA-256")
             )
@@ -181,7 +200,7 @@ class Checkpoints:
         without a validation split: its last epoch is its model)."""
         scored = []
         for step in self.steps():
-            acc = self.read_meta(step).get("val_accuracy")
+            acc = self.read_meta(step).val_accuracy
             if acc is not None:
                 scored.append((acc, step))
         if scored:
@@ -226,37 +245,37 @@ class Checkpoints:
         return f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {why}"
 
 
-# The meta fields every reader relies on, and their JSON types (bool is not an int here).
-_META_FIELDS = {
-    "config": dict,
-    "num_classes": int,
-    "epoch": int,
-    "step_in_epoch": int,
-    "epochs": list,
-}
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _meta_problem(meta) -> str | None:
-    """What is wrong with a checkpoint's meta JSON, or None: checked on every read, so that no
-    command trips over a field of the wrong shape."""
-    if not isinstance(meta, dict):
-        return "meta is not a JSON object"
-    for key, kind in _META_FIELDS.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"meta field {key!r} is {json.dumps(value)[:40]}, expected a {kind.__name__}"
-    if meta["num_classes"] < 1 or meta["epoch"] < 0 or meta["step_in_epoch"] < 0:
-        return "meta has a negative position or no classes"
-    for record in meta["epochs"]:
-        numbers = isinstance(record, dict) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in record.values()
-        )
-        if not numbers:
-            return "meta field 'epochs' holds a record that is not numbers by name"
-    for key in ("val_accuracy", "test_accuracy"):
-        value = meta.get(key)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-            return f"meta field {key!r} is {json.dumps(value)[:40]}, expected a number"
+def _write_manifest(step_dir: Path) -> None:
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {str(p.relative_to(step_dir)): _sha256(p) for p in files}
+    tmp = step_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(digests, indent=1) + "\n")
+    tmp.replace(step_dir / MANIFEST)
+
+
+def _damage(step_dir: Path, error: Exception) -> str | None:
+    """Why a step that failed to restore is damaged, or None when it is not.
+
+    Damaged: a file it wrote is missing, unreadable or changed (by its manifest). A step saved
+    before manifests existed counts as damaged only when the failure is one of reading files.
+    """
+    try:
+        expected = json.loads((step_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        readable = not isinstance(error, OSError | ValueError | EOFError)
+        return None if readable else _first_line(error)
+    except (OSError, ValueError) as e:
+        return f"its file list {MANIFEST} is unreadable ({_first_line(e)})"
+    for name, digest in expected.items():
+        try:
+            if _sha256(step_dir / name) != digest:
+                return f"{name} does not match its SHA-256"
+        except OSError as e:
+            return f"{name} cannot be read ({_first_line(e)})"
     return None
 
 

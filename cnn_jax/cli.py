@@ -8,14 +8,16 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
-from cnn_jax import backend
+from cnn_jax import backend, signals
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config
+from cnn_jax.data import load_configured
+from cnn_jax.errors import UserError
 from cnn_jax.report import strict_json, test_line
-from cnn_jax.sources import load_configured
 
 
 def _steps_per_call(text: str) -> int | str:
@@ -88,14 +90,23 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name, help):
         # Every option's help line ends with its default.
-        return sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            formatter_class=_HelpWithDefaults,
-        )
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpWithDefaults)
 
-    t = command("train", "train Model 1 or 2 on a GTSRB folder, a packed .npz or synthetic signs")
+    _train_options(command("train", "train Model 1, 2 or 3 on a GTSRB folder, a packed .npz or "
+                                    "synthetic signs"))  # fmt: skip
+    _checkpoint_commands(command)
+    report = "one self-contained HTML page of a run: curves, per-class accuracy, confusion "
+    _report_options(command("report", report + "matrix, the worst mistakes, config and timings"))
+    _pack_options(command("pack", "decode a data folder into one compressed .npz for train and "
+                          "evaluate"))  # fmt: skip
+    # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
+    # never imports them; they register through this entry-point group.
+    for entry in importlib.metadata.entry_points(group="cnn_jax.commands"):
+        entry.load()(sub)
+    return p
+
+
+def _train_options(t: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(Config):
         _add_option(t, field)
     t.add_argument("--workdir", help="run folder; none: runs/model<N>-<time>")
@@ -106,10 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume-fallback",
         action="store_true",
-        help="resume from the newest intact checkpoint when newer ones are corrupt",
+        help="resume from the newest intact checkpoint when newer ones are damaged",
     )
     t.add_argument("--save-every", type=int, help="also save a checkpoint every N steps")
     t.add_argument("--log-every", type=int, default=100, help="TensorBoard scalars every N steps")
+
+
+def _checkpoint_commands(command) -> None:
+    """evaluate, predict and info: the commands that read a checkpoint."""
 
     def reads_checkpoint(name, help, computes=True):
         p = command(name, help)
@@ -123,37 +138,32 @@ def _parser() -> argparse.ArgumentParser:
 
     e = reads_checkpoint("evaluate", "loss and accuracy (overall and per class) of a checkpoint")
     e.add_argument("data", nargs="?", help="data folder or packed .npz; none: the run's test split")
-    e.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    e.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     e.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
-
     pr = reads_checkpoint("predict", "classify image files with a checkpoint")
-    pr.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
     pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
-
     reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
 
-    rp = command("report", "one self-contained HTML page of a run: curves, per-class accuracy, "
-                 "confusion matrix, the worst mistakes, config and timings")  # fmt: skip
+
+def _report_options(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("run_dir", metavar="RUN", help="a finished run's folder")
     rp.add_argument("data", nargs="?", help="data folder or .npz to test on; none: the test split")
     rp.add_argument("--out", help="the .html file to write; none: RUN/report.html")
     rp.add_argument("--compare", nargs="+", default=[], metavar="RUN2",
                     help="other runs whose curves share the axes")  # fmt: skip
-    rp.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    rp.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     rp.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
     rp.add_argument("--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's")
 
-    pk = command("pack", "decode a data folder into one compressed .npz for train and evaluate")
+
+def _pack_options(pk: argparse.ArgumentParser) -> None:
     pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
     pk.add_argument("out", help="the .npz file to write")
-    pk.add_argument("--layout", choices=data_lib.LAYOUTS, default="auto", help="folder layout")
+    pk.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     pk.add_argument("--image-size", type=int, default=Config().image_size, help="resize to N x N")
-
-    # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
-    # never imports them; they register through this entry-point group.
-    for entry in importlib.metadata.entry_points(group="cnn_jax.commands"):
-        entry.load()(sub)
-    return p
+    pk.add_argument("--decoder", choices=config_lib.DECODERS, default=Config().decoder,
+                    help="opencv: the tutorial's pixels; pillow: smoothing")  # fmt: skip
 
 
 def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> data_lib.Dataset:
@@ -179,6 +189,8 @@ def _train(args) -> int:
     from cnn_jax.guards import DIVERGED_EXIT, Diverged
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
+    signals.check()  # a signal whose exception the imports swallowed ends it here
+
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name in args}
     if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
         given["data"] = str(Path(given["data"]).resolve())
@@ -186,12 +198,14 @@ def _train(args) -> int:
     verbose = not args.quiet
     # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
     if cfg.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, not {cfg.epochs}")
+        raise UserError(f"--epochs must be at least 1, not {cfg.epochs}")
     for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, not {value}")
+            raise UserError(f"{name} must be at least 1, not {value}")
     backend.devices(cfg.platform)  # a missing GPU is named before the data loads
+    signals.check()
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
+    signals.check()  # nothing trains after a signal that came while loading
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     with _StopOnSignal() as stop:
         try:
@@ -225,19 +239,22 @@ def _train(args) -> int:
 
 
 class _StopOnSignal:
-    """Turns the first Ctrl-C or SIGTERM into a request that training polls after each step.
+    """Turns the first Ctrl-C or SIGTERM into a request that training polls after each call.
 
     Raising inside a step would lose the state that step had donated; a second Ctrl-C still
-    raises KeyboardInterrupt at once.
+    raises KeyboardInterrupt at once. A signal that came before training started, and whose
+    exception was lost (Python drops one raised inside a garbage-collection callback), is a
+    request too: no signal is ignored.
     """
 
     def __init__(self):
-        self.signum = None
+        self.signum = signals.RECEIVED[-1] if signals.RECEIVED else None
 
     def __call__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum, frame):
+        signals.RECEIVED.append(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -314,7 +331,7 @@ def _report(args) -> int:
     html_report._pyplot()  # a missing extra is named before anything loads
     for folder in [args.run_dir, *args.compare]:
         if not (Path(folder) / "metrics.json").is_file():
-            raise ValueError(f"{folder} holds no metrics.json: give the folder of a finished run")
+            raise UserError(f"{folder} holds no metrics.json: give the folder of a finished run")
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
     run = Path(args.run_dir)
@@ -330,13 +347,14 @@ def _report(args) -> int:
 def _pack(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
-        raise ValueError(f"{out} must end in .npz (train and evaluate tell packs by it)")
+        raise UserError(f"{out} must end in .npz (train and evaluate tell packs by it)")
     if out.exists():
-        raise ValueError(f"{out} exists: not overwriting it")
+        raise UserError(f"{out} exists: not overwriting it")
     t0 = time.perf_counter()
     ds = data_lib.load_folder(
-        args.data, layout=args.layout, image_size=args.image_size, use_cache=False
-    )
+        args.data, layout=args.layout, image_size=args.image_size, use_cache=False,
+        decoder=args.decoder,
+    )  # fmt: skip
     data_lib.write_npz(out, ds, compress=True)
     print(
         f"packed {len(ds.labels):,} images of {ds.num_classes} classes "
@@ -359,13 +377,13 @@ def _info(args) -> int:
         "model": r.config.model,
         "params": r.param_count(),
         "step": r.step,
-        "epoch": r.meta["epoch"],
-        "step_in_epoch": r.meta["step_in_epoch"],
-        "test_accuracy": (r.meta.get("epochs") or [{}])[-1].get("test_accuracy"),
-        "val_accuracy": r.meta.get("val_accuracy"),
+        "epoch": r.meta.epoch,
+        "step_in_epoch": r.meta.step_in_epoch,
+        "test_accuracy": (r.meta.epochs or [{}])[-1].get("test_accuracy"),
+        "val_accuracy": r.meta.val_accuracy,
         "params_sha256": params_digest(r.params),
-        "config": r.meta["config"],
-        "epochs": r.meta["epochs"],
+        "config": r.meta.config,
+        "epochs": r.meta.epochs,
     }
     if args.json:
         print(strict_json(info))
@@ -390,27 +408,31 @@ def _quiet_unraisable(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM outside training (which saves and stops on its own, _StopOnSignal): unwinds like
-    Ctrl-C, so that decoding workers are ended and nothing is left half-written."""
-
-    signum = signal.SIGTERM
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
 def main(argv=None) -> int:
-    """Entry point; user errors become one line on stderr and exit code 2."""
-    args = _parser().parse_args(argv)
+    """Entry point: bad input is one line on stderr and exit code 2, a bug exit code 1 with its
+    traceback, Ctrl-C 130 and SIGTERM 143."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = signals.install() if in_main_thread else {}
     try:
+        args = _parser().parse_args(argv)
         return _run(args)
+    except KeyboardInterrupt as e:  # before a command started (its own handler reports it)
+        print(f"cnn-jax: interrupted ({signals.name(e)})", file=sys.stderr)
+        return signals.exit_code(e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        signals.restore(previous)
+
+
+def _bug(command: str) -> int:
+    """Anything but bad input is a bug: shown whole, with exit code 1, never as one line that
+    would read like the user's fault."""
+    traceback.print_exc()
+    print(
+        f"cnn-jax {command}: internal error: the traceback above is a bug in cnn-jax or a "
+        "library it uses, not a problem with your input; please report it",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _run(args) -> int:
@@ -428,14 +450,20 @@ def _run(args) -> int:
     except BrokenPipeError:  # `cnn-jax info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError) as e:
+    except UserError as e:
         print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not the system refusing a file of the user's: ours
+            return _bug(args.command)
+        # The system refused a named file (missing, no permission, disk full): bad input.
+        print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception:
+        return _bug(args.command)
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"cnn-jax {args.command}: interrupted ({signal.Signals(signum).name})",
-              file=sys.stderr)  # fmt: skip
-        return 128 + signum
+        print(f"cnn-jax {args.command}: interrupted ({signals.name(e)})", file=sys.stderr)
+        return signals.exit_code(e)
 
 
 if __name__ == "__main__":

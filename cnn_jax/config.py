@@ -12,8 +12,11 @@ import math
 import typing
 from pathlib import Path
 
+from cnn_jax.errors import UserError
+
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
 PIXELS = ("unit", "raw", "standard", "equalize")
+DECODERS = ("opencv", "pillow")
 SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -63,6 +66,14 @@ class Config:
         flag="",
     )
     layout: str = setting("auto", "how the folder is laid out", choices=LAYOUTS, resume=True)
+    decoder: str = setting(
+        "opencv",
+        "how a folder's images are decoded and resized: opencv, the tutorial's cv2.resize "
+        "(bilinear on the 2x2 nearest pixels), or pillow, Pillow's smoothing bilinear (runs "
+        "saved before cnn-jax decoded with OpenCV used it)",
+        choices=DECODERS,
+        resume=True,
+    )
     image_size: int = setting(30, "resize to N x N (tutorial: 30)", low=1, high=1024, resume=True)
     num_classes: int | None = setting(
         None, "output classes; none: the data's (43 for GTSRB)", low=1, resume=True
@@ -182,7 +193,12 @@ class Config:
     seed: int = setting(
         0, "drives the split, weights, batch order and dropout", low=0, high=MAX_SEED, resume=True
     )
-    eval_every_epoch: bool = setting(False, "also test after every epoch")
+    eval_every_epoch: bool = setting(
+        False,
+        "also test after every epoch (its figures in the progress line, metrics.json, "
+        "TensorBoard and the report's curves); without it the test split is used once, at the "
+        "end, as in the tutorial",
+    )
     synthetic_per_class: int = setting(
         100, "synthetic images per class when no data is given", low=1, resume=True
     )
@@ -191,12 +207,12 @@ class Config:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.image_size < MIN_IMAGE_SIZE[self.model]:
-            raise ValueError(
+            raise UserError(
                 f"--image-size {self.image_size} is too small for --model {self.model}: it needs "
                 f"at least {MIN_IMAGE_SIZE[self.model]}"
             )
         if self.seed + self.ensemble - 1 > MAX_SEED:
-            raise ValueError(
+            raise UserError(
                 f"--seed {self.seed} with --ensemble {self.ensemble} needs seeds up to "
                 f"{self.seed + self.ensemble - 1}, above {MAX_SEED}"
             )
@@ -217,6 +233,16 @@ def flag(name: str) -> str:
     return given or f"--{name.replace('_', '-')}"
 
 
+# Settings added after runs were saved without them, with the value those runs used.
+_BEFORE_THEM = {"decoder": "pillow"}
+
+
+def saved_settings(saved: dict) -> dict:
+    """A checkpoint's config dict as this version reads it: the settings it lacks take the
+    value that the version which saved it used."""
+    return {**_BEFORE_THEM, **saved}
+
+
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"])
 
 
@@ -233,18 +259,18 @@ def _check(field: dataclasses.Field, value) -> None:
     if meta["choices"] is not None:
         if value not in meta["choices"]:
             options = ", ".join(map(str, meta["choices"]))
-            raise ValueError(f"{name} must be one of {options}, not {value!r}")
+            raise UserError(f"{name} must be one of {options}, not {value!r}")
     elif want is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, not {value!r}")
+            raise UserError(f"{name} must be true or false, not {value!r}")
     elif want is str:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty text, not {value!r}")
+            raise UserError(f"{name} must be a non-empty text, not {value!r}")
     else:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or not math.isfinite(value) or (want is int and value != int(value)):
             what = "a whole number" if want is int else "a finite number"
-            raise ValueError(f"{name} must be {what}, not {value!r}")
+            raise UserError(f"{name} must be {what}, not {value!r}")
         for bound, fails, words in (
             ("low", lambda b: value < b, "at least"),
             ("high", lambda b: value > b, "at most"),
@@ -252,7 +278,7 @@ def _check(field: dataclasses.Field, value) -> None:
             ("below", lambda b: value >= b, "below"),
         ):
             if meta[bound] is not None and fails(meta[bound]):
-                raise ValueError(f"{name} must be {words} {meta[bound]}, not {value!r}")
+                raise UserError(f"{name} must be {words} {meta[bound]}, not {value!r}")
 
 
 # What each recipe sets; options given on the command line (or to `with_recipe`) override them.
@@ -275,7 +301,7 @@ RECIPE_SETTINGS = {
 def with_recipe(recipe: str | None, **given) -> Config:
     """A Config from a recipe's settings, overridden by `given` (the options a user gave)."""
     if recipe is not None and recipe not in RECIPE_SETTINGS:
-        raise ValueError(f"--recipe must be one of {', '.join(RECIPE_SETTINGS)}, not {recipe!r}")
+        raise UserError(f"--recipe must be one of {', '.join(RECIPE_SETTINGS)}, not {recipe!r}")
     return Config(**{**RECIPE_SETTINGS.get(recipe, {}), **given, "recipe": recipe})
 
 

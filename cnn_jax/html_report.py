@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.signs import sign_name
+from cnn_jax.data.signs import sign_name
+from cnn_jax.errors import UserError
 
 SECTIONS = ("curves", "per-class", "confusion", "mistakes", "run")
 
@@ -23,7 +24,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError(
+        raise UserError(
             "cnn-jax report draws with matplotlib, which is not installed: "
             "pip install 'cnn-jax[report]'"
         ) from None
@@ -147,16 +148,27 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _read_json(path: Path, *keys: str) -> dict:
+    """A run's JSON file, an object with `keys`; a damaged or foreign one is bad input."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): is the run finished?") from None
+    if not isinstance(value, dict) or not all(k in value for k in keys):
+        raise UserError(f"{path} is not a cnn-jax run's file (it lacks {', '.join(keys)})")
+    return value
+
+
 def write_report(run: Path, out: Path, compare: list[Path], tested) -> Path:
     """The report of `run` into `out`. `tested` holds the run's test split as the checkpoint
     sees it: images, labels and probabilities."""
     plt = _pyplot()
     runs = {}
     for folder in [run, *compare]:
-        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+        metrics = _read_json(Path(folder) / "metrics.json", "epochs")
         runs[Path(folder).resolve().name] = metrics["epochs"]
-    metrics = json.loads((run / "metrics.json").read_text())
-    config = json.loads((run / "config.json").read_text())
+    metrics = _read_json(run / "metrics.json", "epochs", "num_classes")
+    config = _read_json(run / "config.json")
     num_classes = metrics["num_classes"]
     predictions = tested.probabilities.argmax(1)
     accuracy = float(np.mean(predictions == tested.labels))

@@ -5,16 +5,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from cnn_jax import data as data_lib
 from cnn_jax.checkpoint import CheckpointError, locate
 from cnn_jax.config import Config
+from cnn_jax.data import load_configured, split_run
+from cnn_jax.data.signs import sign_name
+from cnn_jax.errors import UserError
 from cnn_jax.models import count_params
 from cnn_jax.predictor import EVAL_BATCH, Predictor, evaluate
+from cnn_jax.run_meta import RunMeta
 from cnn_jax.run_store import data_fingerprint
-from cnn_jax.signs import sign_name
-from cnn_jax.sources import load_configured, split_run
 from cnn_jax.steps import abstract_state
 
 
@@ -25,7 +26,7 @@ class Restored:
     config: Config
     predictor: Predictor
     params: Any  # the weights (parameters and batch statistics), on the predictor's devices
-    meta: dict[str, Any]
+    meta: RunMeta
     step: int
     directory: Path
 
@@ -41,16 +42,15 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     `platform`'s devices (JAX's default backend's when None)."""
     store, step = locate(path)
     meta = store.read_meta(step)
-    fields = {f.name for f in dataclasses.fields(Config)}
     try:
-        config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+        config = meta.run_config()
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint step {step} in {store.directory}: its config: {e}"
         ) from None
     # Restored onto this machine's devices, whatever the run trained on (a GPU, 8 devices).
     local = dataclasses.replace(config, platform=platform, devices=None)
-    predictor, template = abstract_state(local, meta["num_classes"])
+    predictor, template = abstract_state(local, meta.num_classes)
     state, meta = store.restore(step, template)
     store.close()
     params = predictor.place(state.weights)  # the optimizer's arrays are dropped here
@@ -70,17 +70,17 @@ class Tested(NamedTuple):
 def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
     """(dataset, indices, words): every image of `data_dir`, or the run's own test split."""
     cfg = restored.config
-    if data_dir is None and restored.meta.get("imported_from"):
-        raise ValueError(
-            f"{restored.directory} was imported from {restored.meta['imported_from']} and has no "
+    if data_dir is None and restored.meta.imported_from:
+        raise UserError(
+            f"{restored.directory} was imported from {restored.meta.imported_from} and has no "
             "data of its own: give a data folder to evaluate on"
         )
     if data_dir is None:
         ds = load_configured(cfg, cache_dir)
         # Another set of files would give another "own test split", silently mixing in training
         # images: refused as a resume refuses it.
-        if restored.meta.get("data_fingerprint") not in (None, data_fingerprint(ds)):
-            raise ValueError(
+        if restored.meta.data_fingerprint not in (None, data_fingerprint(ds)):
+            raise UserError(
                 f"the run's data ({cfg.data or 'synthetic signs'}) has changed since "
                 f"{restored.directory} was trained (other files or labels), so its test split "
                 "cannot be rebuilt: give a data folder to evaluate on"
@@ -89,14 +89,15 @@ def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
         source = f"the test split of {cfg.data or 'the synthetic signs'}"
     else:
         ds = data_lib.load_folder(
-            data_dir, layout=layout, image_size=cfg.image_size, cache_dir=cache_dir
-        )
+            data_dir, layout=layout, image_size=cfg.image_size, cache_dir=cache_dir,
+            decoder=cfg.decoder,
+        )  # fmt: skip
         idx = np.arange(len(ds.labels))
         source = str(Path(data_dir).resolve())
-    if ds.num_classes > restored.meta["num_classes"]:
-        raise ValueError(
+    if ds.num_classes > restored.meta.num_classes:
+        raise UserError(
             f"the data has class ids up to {ds.num_classes - 1}; the model knows "
-            f"{restored.meta['num_classes']} classes"
+            f"{restored.meta.num_classes} classes"
         )
     return ds, idx, source
 
@@ -136,20 +137,22 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
     """For each path, (path, [(class, name, probability), ...] or an error string, and for an
     ensemble each member's top (class, name, probability), else None)."""
     if top_k < 1:
-        raise ValueError("--top-k must be at least 1")
+        raise UserError("--top-k must be at least 1")
     results, images, ok = [], [], []
     for p in paths:
         try:
-            images.append(data_lib.decode_image(p, restored.config.image_size))
+            images.append(
+                data_lib.decode_image(p, restored.config.image_size, restored.config.decoder)
+            )
             ok.append(len(results))
             results.append((p, None, None))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except data_lib.UNREADABLE as e:
             results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}", None))
     if images:
         batch = np.stack(images)
         probs = np.asarray(restored.predictor.probabilities(restored.params, batch))
         if not np.isfinite(probs).all():
-            raise ValueError(
+            raise UserError(
                 f"the network in {restored.directory} outputs non-numbers (NaN or infinite): "
                 "its weights are broken; train or import it again"
             )

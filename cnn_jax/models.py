@@ -14,6 +14,7 @@ from flax import nnx
 
 from cnn_jax import ops
 from cnn_jax.config import MIN_IMAGE_SIZE
+from cnn_jax.errors import UserError
 
 # Keras' Conv2D and Dense default to glorot_uniform kernels and zero biases
 # (keras/src/layers/convolutional/base_conv.py, keras/src/layers/core/dense.py); Flax defaults
@@ -235,13 +236,13 @@ def create_model(
     'bfloat16'; parameters stay float32).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     conv_fn = ops.resolve_conv(conv, platform)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul)
     if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(map(str, MODELS))}")
+        raise UserError(f"unknown model {model!r}: choose one of {', '.join(map(str, MODELS))}")
     if image_size < min_image_size(model):
-        raise ValueError(
+        raise UserError(
             f"image size {image_size} is too small for model {model}: it needs at least "
             f"{min_image_size(model)}"
         )

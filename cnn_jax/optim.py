@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnn_jax.errors import UserError
+
 
 class KerasAdamState(NamedTuple):
     count: jax.Array  # steps taken so far, int32
@@ -68,7 +70,7 @@ def create_optimizer(config, steps_per_epoch: int = 1) -> optax.GradientTransfor
     """The config's optimizer: Adam's direction ('keras-adam', Keras' formula, or 'adam',
     optax's), decoupled weight decay as in AdamW when asked, scaled by the learning rate."""
     if config.optimizer not in DIRECTIONS:
-        raise ValueError(
+        raise UserError(
             f"unknown optimizer {config.optimizer!r}: choose one of {', '.join(DIRECTIONS)}"
         )
     parts = [DIRECTIONS[config.optimizer]()]

@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_jax import backend
+from cnn_jax.errors import UserError
 
 
 def create_mesh(devices: int | None = None, platform: str | None = None) -> Mesh:
@@ -17,7 +18,7 @@ def create_mesh(devices: int | None = None, platform: str | None = None) -> Mesh
     available = backend.devices(platform)
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
-        raise ValueError(
+        raise UserError(
             f"--devices {devices}: this machine has {len(available)} "
             f"{available[0].platform.upper()} device(s)"
         )
@@ -27,7 +28,7 @@ def create_mesh(devices: int | None = None, platform: str | None = None) -> Mesh
 def check_batch(batch_size: int, mesh: Mesh) -> None:
     n = mesh.size
     if batch_size % n:
-        raise ValueError(
+        raise UserError(
             f"batch size {batch_size} does not divide over {n} devices: use a multiple of {n} "
             "or fewer --devices"
         )

@@ -5,16 +5,38 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 
-def running(metrics) -> tuple[float, float, float]:
-    """(mean loss, accuracy, images of one network) of the epoch so far, from the state's
-    metrics; an ensemble has a row per member, averaged."""
-    rows = np.asarray(metrics).reshape(-1, 3)
-    loss_sum, correct, count = rows.sum(0)
-    return loss_sum / count, correct / count, rows[0, 2]
+class EpochSums(NamedTuple):
+    """A training state's `metrics` by name: the epoch's sums so far (an ensemble's over all
+    its members)."""
+
+    loss: float  # the images' losses, summed
+    correct: float  # images predicted right
+    count: float  # images seen, times the members
+    images: float  # images seen by one network
+
+    @classmethod
+    def of(cls, metrics) -> "EpochSums":
+        """From float32[3] (sum of loss, correct, images), or [members, 3] for an ensemble."""
+        rows = np.asarray(metrics, np.float64).reshape(-1, 3)
+        loss, correct, count = rows.sum(0)
+        return cls(float(loss), float(correct), float(count), float(rows[0, 2]))
+
+    def minus(self, earlier: "EpochSums") -> "EpochSums":
+        """The sums of the steps since `earlier` (of the same epoch)."""
+        return EpochSums(*(a - b for a, b in zip(self, earlier)))
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.count if self.count else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else float("nan")
 
 
 class Progress:
@@ -38,8 +60,9 @@ class Progress:
         """Reading the metrics waits for the device; tqdm redraws at most ten times a second."""
         if self.bar is None:
             return
-        loss, accuracy, count = running(metrics)
-        rate = count / max(time.perf_counter() - self.t0, 1e-9)
+        sums = EpochSums.of(metrics)
+        loss, accuracy = sums.mean_loss, sums.accuracy
+        rate = sums.images / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"loss {loss:.4f} - accuracy {accuracy:.4f} - {rate:,.0f} img/s",
                                  refresh=False)  # fmt: skip
         self.bar.update(step - self.bar.n)

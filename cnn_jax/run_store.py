@@ -1,7 +1,6 @@
 """A run folder's checkpoints as training sees them: resume or start, save, and what a resume
 must keep (the settings that decide the result, and the data)."""
 
-import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -10,26 +9,29 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax.config import RESUME_KEYS, Config, flag
+from cnn_jax.config import RESUME_KEYS, Config, flag, saved_settings
+from cnn_jax.errors import UserError
+from cnn_jax.run_meta import RunMeta
 
 
-def check_resumable(saved: dict, config: Config, fingerprint: str, workdir: Path) -> None:
+def check_resumable(saved: RunMeta, config: Config, fingerprint: str, workdir: Path) -> None:
+    settings = saved_settings(saved.config)
     for key in RESUME_KEYS:
-        if saved["config"].get(key) != getattr(config, key):
-            raise ValueError(
+        if settings.get(key) != getattr(config, key):
+            raise UserError(
                 f"{flag(key)} is {getattr(config, key)!r} but the run in "
-                f"{workdir} used {saved['config'].get(key)!r}: use the same setting to resume, "
+                f"{workdir} used {settings.get(key)!r}: use the same setting to resume, "
                 "or --restart / another --workdir to start over"
             )
-    schedule = saved["config"].get("schedule", "constant")
-    if schedule != "constant" and saved["config"].get("epochs") != config.epochs:
-        raise ValueError(
+    schedule = saved.config.get("schedule", "constant")
+    if schedule != "constant" and saved.config.get("epochs") != config.epochs:
+        raise UserError(
             f"--epochs is {config.epochs} but the run in {workdir} used "
-            f"{saved['config'].get('epochs')}, and its {schedule} learning rate schedule spans "
+            f"{saved.config.get('epochs')}, and its {schedule} learning rate schedule spans "
             "them: use the same --epochs to resume, or --restart / another --workdir"
         )
-    if saved.get("data_fingerprint") != fingerprint:
-        raise ValueError(
+    if saved.data_fingerprint != fingerprint:
+        raise UserError(
             f"the data differs from the run in {workdir} (other files or labels): resume with "
             "the same data, or --restart / another --workdir to start over"
         )
@@ -90,17 +92,11 @@ class RunStore:
             return None
         check = lambda meta: check_resumable(meta, self.config, self.fingerprint, self.workdir)  # noqa: E731
         state, meta = restore_latest(self.checkpoints, template, fallback, say, check)
-        return Resumed(state, Position(meta["epoch"], meta["step_in_epoch"]), meta["epochs"])
+        return Resumed(state, Position(meta.epoch, meta.step_in_epoch), meta.epochs)
 
     def save(self, position: Position, state, epochs, val_accuracy=None) -> None:
-        meta = {
-            "config": dataclasses.asdict(self.config),
-            "num_classes": self.num_classes,
-            "epoch": position.epoch,
-            "step_in_epoch": position.step_in_epoch,
-            "epochs": epochs,
-            "data_fingerprint": self.fingerprint,
-        }
+        meta = RunMeta.for_run(self.config, self.num_classes, *position, epochs,
+                               data_fingerprint=self.fingerprint)  # fmt: skip
         step = position.global_step(self.steps_per_epoch)
         self.checkpoints.save(step, state, meta, val_accuracy)
 
@@ -108,11 +104,10 @@ class RunStore:
         """(validation accuracy, epoch, weights) of the checkpoint best on the validation split;
         None when no checkpoint has a validation score."""
         step = self.checkpoints.best_step()
-        meta = self.checkpoints.read_meta(step) if step is not None else {}
-        if meta.get("val_accuracy") is None:
+        if step is None or self.checkpoints.read_meta(step).val_accuracy is None:
             return None
         state, meta = self.checkpoints.restore(step, template)
-        return meta["val_accuracy"], meta["epoch"], state.weights
+        return meta.val_accuracy, meta.epoch, state.weights
 
     def has(self, position: Position) -> bool:
         return position.global_step(self.steps_per_epoch) in self.checkpoints.steps()

@@ -58,7 +58,9 @@ class TrainState(NamedTuple):
     params: Any  # nnx.State of the model's Params
     opt_state: Any
     step: jax.Array  # int32, steps taken since the start of training
-    metrics: jax.Array  # float32[3]: sum of loss, correct predictions, images, this epoch
+    # float32[3] (ensembles: [members, 3]): the epoch's sums of loss, correct predictions and
+    # images, in that order; report.EpochSums reads them by name
+    metrics: jax.Array
     # nnx.State of the running batch-norm statistics; empty for Models 1 and 2
     batch_stats: Any = None
 
@@ -81,7 +83,7 @@ def cross_entropy(
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)  # eleven fields: named, never by position
 class Trainer:
     """The compiled steps for one model, optimizer and pixel scaling."""
 
@@ -255,17 +257,17 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
             config.aug_contrast,
         )
     return Trainer(
-        graphdef,
-        tx,
-        config.pixels,
-        config.batch_size,
-        mesh,
-        per_call,
-        infer_graphdef,
-        backend.matmul_precision(config.precision),
-        strengths,
-        config.label_smoothing,
-        config.ensemble if config.ensemble > 1 else 0,
+        graphdef=graphdef,
+        tx=tx,
+        pixels=config.pixels,
+        batch_size=config.batch_size,
+        mesh=mesh,
+        steps_per_call=per_call,
+        infer_graphdef=infer_graphdef,
+        precision=backend.matmul_precision(config.precision),
+        augment=strengths,
+        label_smoothing=config.label_smoothing,
+        members=config.ensemble if config.ensemble > 1 else 0,
     )
 
 

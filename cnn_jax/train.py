@@ -1,33 +1,44 @@
-"""`fit`: split the data, restore or start, run the epochs, evaluate, write the run's JSON.
+"""`fit`: split the data, restore or start, run the epochs with their callbacks, evaluate,
+write the run's JSON.
 
-The parts live beside it: steps.py (the compiled steps), loop.py (one epoch), run_store.py
-(resume and save), checkpoint.py (orbax).
+The parts live beside it: steps.py (the compiled steps), callbacks.py (what happens between
+them), run_store.py (resume and save), checkpoint.py (orbax).
 """
 
+import contextlib
 import dataclasses
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from flax import nnx
 
 from cnn_jax import backend, parallel
+from cnn_jax import callbacks as cb
 from cnn_jax import data as data_lib
+from cnn_jax.callbacks import Interrupted  # noqa: F401  (callers catch it from here)
 from cnn_jax.config import Config
-from cnn_jax.guards import Diverged, prior_entropy, stuck_advice, stuck_reason
-from cnn_jax.loop import Interrupted, epoch_order, train_epoch
+from cnn_jax.errors import UserError
+from cnn_jax.guards import prior_entropy
 from cnn_jax.models import count_params
 from cnn_jax.optim import schedule
-from cnn_jax.predictor import ceil_div, evaluate
-from cnn_jax.report import Progress, Scalars, running, strict_json
+from cnn_jax.predictor import ceil_div, evaluate, padded_order
+from cnn_jax.report import EpochSums, Scalars, strict_json
 from cnn_jax.run_store import Position, RunStore, data_fingerprint
-from cnn_jax.sources import split_run
 from cnn_jax.steps import Trainer, create_trainer, member_seeds
+
+
+class Split(NamedTuple):
+    """One side of the run's data, on the devices."""
+
+    images: Any
+    labels: Any
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def fit(
@@ -41,139 +52,210 @@ def fit(
     save_every: int | None = None,
     should_stop=None,
     log_every: int = 100,
+    callbacks=(),
 ):
-    """Splits the data, trains, evaluates on the test split; writes config and metrics JSON.
+    """Splits the data, trains, evaluates on the test split; returns (state, metrics).
 
-    With a workdir, a checkpoint is saved after every epoch (and every `save_every` steps), and
-    a workdir that already holds checkpoints is resumed from its latest one. `should_stop()`
-    is polled after every compiled call; when it returns True a checkpoint is saved and
-    `Interrupted` is raised. A loss that becomes NaN or infinite raises `Diverged` at once,
-    without saving that state. The workdir also gets TensorBoard scalars: every `log_every`
-    steps and every epoch.
-
-    With `config.val_size` the weights of the epoch best on the validation split are the
-    result (tested, returned in `metrics`, and the checkpoint `evaluate RUN` uses); without,
-    those of the last epoch.
+    With a workdir: config.json, metrics.json, TensorBoard scalars (every `log_every` steps
+    and every epoch) and a checkpoint after every epoch (and every `save_every` steps); a
+    workdir holding checkpoints is resumed from its latest. `should_stop()` is polled after
+    every compiled call: True saves a checkpoint and raises `Interrupted`. A loss that becomes
+    NaN or infinite raises `Diverged` at once, saving nothing. `callbacks` (callbacks.Callback)
+    run after the built-in ones. With `config.val_size` the epoch best on the validation split
+    is the run's model (its weights tested and returned in `metrics`); without, the last.
     """
+    run = _prepare(config, dataset)
+    say = print if verbose else (lambda *a, **k: None)
+    with contextlib.ExitStack() as resources:  # closed however the run ends
+        loop = cb.Loop(config, run.trainer, run.steps_per_epoch)
+        state, position = _open_run(loop, run, dataset, workdir, resources, restart,
+                                    resume_fallback, say)  # fmt: skip
+        hooks, pick, stuck = _callbacks(loop, run, verbose, save_every, should_stop, log_every)
+        hooks = cb.CallbackList([*hooks, *callbacks])
+        hooks.on_train_begin(loop)
+        step_ms = []
+        for epoch in range(position.epoch, config.epochs):
+            start = position.step_in_epoch if epoch == position.epoch else 0
+            state, ms = _run_epoch(loop, hooks, run, state, epoch, start)
+            step_ms += ms[1:] if epoch == position.epoch else ms  # the first call compiles
+            if loop.stop_training:
+                break
+        metrics = _finish(loop, run, state, pick, stuck, step_ms)
+        hooks.on_train_end(loop, metrics)
+    return state, metrics
+
+
+class _Run(NamedTuple):
+    """A run's parts before its first step: the trainer, the state, the splits on the devices
+    and what metrics.json says of them."""
+
+    trainer: Trainer
+    state: Any
+    steps_per_epoch: int
+    train: Split
+    val: Split
+    test: Split
+    metrics: dict
+    prior: float  # the class-prior entropy of the training split, for StuckWarning
+
+
+def _prepare(config: Config, dataset: data_lib.Dataset) -> _Run:
     num_classes = _num_classes(config, dataset)
-    train_idx, val_idx, test_idx = split_run(config, dataset)
-    steps_per_epoch = ceil_div(len(train_idx), config.batch_size)
-    run_config = _batch_for(config, len(train_idx))
-    trainer, state = create_trainer(run_config, num_classes, steps_per_epoch)
-    train_images, train_labels, val_images, val_labels, test_images, test_labels = trainer.place(
-        tuple(
-            a[i] for i in (train_idx, val_idx, test_idx) for a in (dataset.images, dataset.labels)
-        )
-    )
+    indices = data_lib.split_run(config, dataset)
+    steps_per_epoch = ceil_div(len(indices[0]), config.batch_size)
+    trainer, state = create_trainer(_batch_for(config, len(indices[0])), num_classes,
+                                    steps_per_epoch)  # fmt: skip
+    placed = trainer.place(tuple((dataset.images[i], dataset.labels[i]) for i in indices))
+    train, val, test = (Split(*p) for p in placed)
     metrics = {
         "model": config.model,
         "params": count_params(nnx.merge(trainer.graphdef, state.weights)) // config.ensemble,
         "ensemble": config.ensemble,
         "num_classes": num_classes,
-        "n_train": len(train_idx),
-        "n_val": len(val_idx),
-        "n_test": len(test_idx),
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
         "skipped_files": [{"path": p, "reason": r} for p, r in dataset.skipped],
         **_device_record(trainer, config),
         "epochs": [],
     }
-    say = print if verbose else (lambda *a, **k: None)
-    prior = prior_entropy(dataset.labels[train_idx], num_classes)
-    rate = schedule(config, steps_per_epoch)
-    lr_at = rate if callable(rate) else (lambda step: rate)
-    if metrics["platform"] == "gpu" and config.deterministic != backend.deterministic_ops():
-        say(
-            f"warning: deterministic GPU ops are {'off' if config.deterministic else 'on'} in "
-            "this process (XLA_FLAGS is read when JAX starts): see cnn_jax.backend"
+    prior = prior_entropy(dataset.labels[indices[0]], num_classes)
+    return _Run(trainer, state, steps_per_epoch, train, val, test, metrics, prior)
+
+
+def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
+    """The state and position to start from: the workdir's latest checkpoint or the start;
+    opens the run folder's checkpoints and TensorBoard files into `resources`."""
+    config, state, position = loop.config, run.state, Position(0, 0)
+    if run.metrics["platform"] == "gpu" and config.deterministic != backend.deterministic_ops():
+        say(f"warning: deterministic GPU ops are {'off' if config.deterministic else 'on'} in "
+            "this process (XLA_FLAGS is read when JAX starts): see cnn_jax.backend")  # fmt: skip
+    if workdir is None:
+        return state, position
+    # The fingerprint hashes every pixel: only runs that checkpoint need it.
+    store = RunStore(workdir, config, run.metrics["num_classes"], data_fingerprint(dataset),
+                     run.steps_per_epoch)  # fmt: skip
+    loop.store = resources.enter_context(contextlib.closing(store))
+    resumed = store.resume(state, restart, fallback, say)
+    if resumed is not None:
+        _check_epochs_left(resumed.position, config, store.workdir)
+        state, position, loop.epochs = run.trainer.place(resumed.state), *resumed[1:]
+        say(f"resuming {store.workdir} from step {position.global_step(run.steps_per_epoch)} "
+            f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
+    config.write(store.workdir / "config.json")
+    loop.scalars = resources.enter_context(contextlib.closing(Scalars(store.workdir)))
+    return state, position
+
+
+def _check_epochs_left(done: Position, config: Config, workdir: Path) -> None:
+    if done.epoch > config.epochs or (done.epoch == config.epochs and done.step_in_epoch):
+        steps = f" and {done.step_in_epoch} steps" if done.step_in_epoch else ""
+        raise UserError(
+            f"the run in {workdir} has trained {done.epoch} epochs{steps}; --epochs "
+            f"{config.epochs} is fewer: give --epochs {done.epoch + 1} or more to go on, or "
+            "--restart / another --workdir"
         )
-    store, scalars, position = None, None, Position(0, 0)
-    if workdir is not None:
-        # The fingerprint hashes every pixel: only runs that checkpoint need it.
-        fingerprint = data_fingerprint(dataset)
-        store = RunStore(workdir, config, num_classes, fingerprint, steps_per_epoch)
-        resumed = store.resume(state, restart, resume_fallback, say)
-        if resumed is not None:
-            done = resumed.position
-            if done.epoch > config.epochs or (done.epoch == config.epochs and done.step_in_epoch):
-                store.close()
-                raise ValueError(
-                    f"the run in {store.workdir} has trained {done.epoch} epochs"
-                    f"{f' and {done.step_in_epoch} steps' if done.step_in_epoch else ''}; "
-                    f"--epochs {config.epochs} is fewer: give --epochs {done.epoch + 1} or more to "
-                    "go on, or --restart / another --workdir"
-                )
-            state = trainer.place(resumed.state)  # host arrays: any device count works
-            position, metrics["epochs"] = resumed.position, resumed.epochs
-            say(f"resuming {store.workdir} from step {position.global_step(steps_per_epoch)} "
-                f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
-        config.write(store.workdir / "config.json")
-        scalars = Scalars(store.workdir)
 
-    step_ms, best = [], None  # best: (val accuracy, epoch, host weights)
-    for epoch in range(position.epoch, config.epochs):
-        start = position.step_in_epoch if epoch == position.epoch else 0
-        progress = Progress(epoch, config.epochs, steps_per_epoch, verbose)
 
-        def between_calls(begin, end, state, epoch=epoch, progress=progress):
-            progress.update(end, state.metrics)
-            step = Position(epoch, end).global_step(steps_per_epoch)
-            loss, accuracy, _ = running(state.metrics)
-            if not np.isfinite(loss):  # checked before any save: a NaN state is never kept
-                progress.interrupt()
-                _diverged(store, scalars, Position(epoch, end), steps_per_epoch, loss)
-            if scalars is not None and step // log_every > (step - end + begin) // log_every:
-                scalars.add(step, **{"steps/train_loss": loss, "steps/train_accuracy": accuracy,
-                                     "steps/learning_rate": lr_at(step)})  # fmt: skip
-            # A save when a call crosses a multiple of save_every (a call may run many steps);
-            # the epoch's last step is saved by the epoch-end checkpoint below.
-            crossed = save_every and step // save_every > (step - end + begin) // save_every
-            if store is not None and crossed and end < steps_per_epoch:
-                store.save(Position(epoch, end), state, metrics["epochs"])
-            return should_stop is not None and should_stop()
+def _callbacks(loop, run, verbose, save_every, should_stop, log_every):
+    """The built-in callbacks, in the order they run (the NaN check before any save; the
+    evaluations before what reports them), and the two whose results `_finish` reads."""
+    rate = schedule(loop.config, run.steps_per_epoch)
+    lr_at = rate if callable(rate) else (lambda step: rate)
+    pick = cb.ValidationPick(*run.val) if len(run.val) else None
+    test = cb.Evaluation("test", *run.test) if loop.config.eval_every_epoch else None
+    stuck = cb.StuckWarning(run.prior, test)
+    hooks = [
+        cb.DivergenceGuard(),
+        cb.ProgressBar(verbose),
+        cb.StepScalars(log_every, lr_at),
+        cb.PeriodicCheckpoint(save_every),
+        cb.StopOnRequest(should_stop),
+        *(c for c in (pick, test) if c is not None),
+        stuck,
+        cb.EpochScalars(len(run.train), lr_at),
+        cb.EpochCheckpoint(),
+    ]
+    return hooks, pick, stuck
 
+
+def _run_epoch(loop, hooks, run, state, epoch: int, start: int):
+    """Steps `start`.. of one epoch, then its evaluations and record; (state, ms per step of
+    each call). Raises Interrupted, after a checkpoint, when a callback asked for it."""
+    loop.epoch = epoch
+    hooks.on_epoch_begin(loop, epoch)
+    t0 = time.perf_counter()
+    state, ms, done = _train_calls(loop, hooks, run, state, start)
+    if done < run.steps_per_epoch:  # interrupted mid-epoch
+        _interrupt(loop, state, Position(epoch, done))
+    record = _epoch_record(state, time.perf_counter() - t0)
+    hooks.on_epoch_end(loop, epoch, record, state)
+    loop.epochs.append(record)
+    if loop.interrupted:  # on the epoch's last step: its checkpoint is the one to resume
+        _interrupt(loop, state, Position(epoch + 1, 0))
+    return state, ms
+
+
+def _train_calls(loop, hooks, run, state, start: int):
+    """The epoch's compiled calls from step `start`, `on_calls_end` after each; stops early
+    when a callback interrupts. Returns (state, ms per step of each call, steps done)."""
+
+    def after(begin, end, state):
+        hooks.on_calls_end(loop, begin, end, state)
+        return loop.interrupted
+
+    order = epoch_order(loop.config.seed, loop.epoch, len(run.train))
+    seeds = member_seeds(loop.config)
+    return train_epoch(run.trainer, state, *run.train, order, seeds, start=start, after_call=after)
+
+
+def train_epoch(trainer, state, images, labels, order, seed, *, start=0, after_call=None):
+    """Steps `start`.. of one pass over `order`, `trainer.steps_per_call` per compiled call;
+    `after_call(begin, end, state)` returning True stops there. Returns (state, ms per step
+    of each call, steps done in the epoch)."""
+    n, steps = len(order), ceil_div(len(order), trainer.batch_size)
+    padded = trainer.place(padded_order(order, trainer.batch_size))
+    if start == 0:
+        state = state._replace(metrics=trainer.place(np.zeros(state.metrics.shape, np.float32)))
+    step = trainer.train_step if trainer.steps_per_call == 1 else trainer.train_steps
+    ms, i = [], start
+    while i < steps:
         t0 = time.perf_counter()
-        order = epoch_order(config.seed, epoch, len(train_idx))
-        state, ms, done, stopped = train_epoch(
-            trainer, state, train_images, train_labels, order, member_seeds(config),
-            start=start, between_calls=between_calls,
-        )  # fmt: skip
-        # The run's first call compiles: left out, also when an epoch is one call.
-        step_ms += ms[1:] if epoch == position.epoch else ms
-        if done < steps_per_epoch:  # stopped on request mid-epoch
-            where = Position(epoch, done)
-            if store is not None and not store.has(where):
-                store.save(where, state, metrics["epochs"])
-            progress.interrupt()
-            _interrupted(store, scalars, where, steps_per_epoch)
-        record = _epoch_record(state, time.perf_counter() - t0)
-        if len(val_idx):
-            ev = evaluate(trainer.predictor, state.weights, val_images, val_labels)
-            record.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
-            if best is None or ev["accuracy"] >= best[0]:  # a tie: the later, as in best_step
-                best = (ev["accuracy"], epoch + 1, jax.device_get(state.weights))
-        if config.eval_every_epoch or store is not None:
-            ev = evaluate(trainer.predictor, state.weights, test_images, test_labels)
-            record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-        progress.close(record)
-        metrics["epochs"].append(record)
-        tested = ev["predictions"] if "test_accuracy" in record else None
-        _warn_if_stuck(metrics, prior, tested, config)
-        if scalars is not None:
-            end = Position(epoch + 1, 0).global_step(steps_per_epoch)
-            _log_epoch(scalars, end, record, len(train_idx), lr_at(end))
-        if store is not None:
-            val = record.get("val_accuracy")
-            store.save(Position(epoch + 1, 0), state, metrics["epochs"], val)
-        if stopped:  # on the epoch's last step: the epoch-end checkpoint is the one to resume
-            _interrupted(store, scalars, Position(epoch + 1, 0), steps_per_epoch)
-    weights, metrics["selected_epoch"] = state.weights, config.epochs
-    if len(val_idx):
+        state = step(state, images, labels, padded, n, i, seed)
+        state.metrics.block_until_ready()  # costs little, and makes the step times honest
+        begin, i = i, min(i + trainer.steps_per_call, steps)
+        ms.append((time.perf_counter() - t0) * 1e3 / (i - begin))
+        if after_call is not None and after_call(begin, i, state):
+            break
+    return state, ms, i
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The training order of an epoch: a seeded permutation, reproducible on resume."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _interrupt(loop, state, where: Position):
+    if loop.store is not None and not loop.store.has(where):
+        loop.store.save(where, state, loop.epochs)
+    saved = f"; checkpoint saved in {loop.store.directory}" if loop.store is not None else ""
+    raise Interrupted(
+        f"stopped at step {where.global_step(loop.steps_per_epoch)} (epoch {where.epoch + 1}, "
+        f"step {where.step_in_epoch} of {loop.steps_per_epoch}){saved}"
+    )
+
+
+def _finish(loop, run, state, pick, stuck, step_ms) -> dict:
+    """The run's model (the best validation epoch's, or the last), tested; metrics.json."""
+    metrics = dict(run.metrics, epochs=loop.epochs, selected_epoch=len(loop.epochs))
+    weights = state.weights
+    if pick is not None:
         # The checkpoints know the epochs before a resume too; without them, memory does.
-        best = (store.best(state) if store is not None else None) or best
+        best = (loop.store.best(state) if loop.store is not None else None) or pick.best
         if best is not None:
-            weights, metrics["selected_epoch"] = trainer.predictor.place(best[2]), best[1]
+            weights, metrics["selected_epoch"] = run.trainer.predictor.place(best[2]), best[1]
             metrics["val_accuracy"] = best[0]
-    ev = evaluate(trainer.predictor, weights, test_images, test_labels)
+    ev = evaluate(run.trainer.predictor, weights, *run.test)
     if "member_accuracy" in ev:
         metrics["member_test_accuracy"] = ev["member_accuracy"]
     metrics.update(
@@ -182,13 +264,18 @@ def fit(
         median_step_ms=statistics.median(step_ms) if step_ms else None,
         # the process's peak resident memory so far (Linux reports KiB)
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        warnings=[stuck.warning] if stuck.warning else [],
     )
-    if store is not None:
-        store.close()
-        scalars.close()
-        metrics["checkpoints"] = str(store.directory)
-        (store.workdir / "metrics.json").write_text(strict_json(metrics) + "\n")
-    return state, metrics
+    if loop.store is not None:
+        metrics["checkpoints"] = str(loop.store.directory)
+        (loop.store.workdir / "metrics.json").write_text(strict_json(metrics) + "\n")
+    return metrics
+
+
+def _epoch_record(state, seconds: float) -> dict[str, float]:
+    # An ensemble's figures are its members' means.
+    sums = EpochSums.of(state.metrics)
+    return {"train_loss": sums.mean_loss, "train_accuracy": sums.accuracy, "seconds": seconds}
 
 
 def _batch_for(config: Config, n_train: int) -> Config:
@@ -219,21 +306,11 @@ def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
         )
     num_classes = config.num_classes or dataset.num_classes
     if dataset.num_classes > num_classes:
-        raise ValueError(
+        raise UserError(
             f"the data has class ids up to {dataset.num_classes - 1}, more than "
             f"--num-classes {num_classes}"
         )
     return num_classes
-
-
-def _epoch_record(state, seconds: float) -> dict[str, float]:
-    # An ensemble's rows, one per member, add up to its members' mean loss and accuracy.
-    loss_sum, correct, count = np.asarray(state.metrics).reshape(-1, 3).sum(0)
-    return {
-        "train_loss": float(loss_sum / count),
-        "train_accuracy": float(correct / count),
-        "seconds": seconds,
-    }
 
 
 def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
@@ -248,52 +325,3 @@ def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
         # CPU runs repeat bit for bit anyway; on a GPU it takes XLA's deterministic ops.
         "deterministic": device.platform == "cpu" or backend.deterministic_ops(),
     }
-
-
-def _warn_if_stuck(metrics: dict, prior: float, predictions, config: Config) -> None:
-    """Once per run: a warning on stderr and in metrics.json when the run looks stuck."""
-    reason = stuck_reason(metrics["epochs"], prior, predictions)
-    if reason and not metrics.setdefault("warnings", []):
-        epoch = len(metrics["epochs"])
-        warning = (
-            f"warning: the run looks stuck after epoch {epoch}: {reason}; {stuck_advice(config)}"
-        )
-        print(warning, file=sys.stderr, flush=True)
-        metrics["warnings"].append(warning)
-
-
-def _log_epoch(scalars: Scalars, step: int, record: dict, images: int, lr: float) -> None:
-    values = {f"epoch/{k}": v for k, v in record.items() if k != "seconds"}
-    values["epoch/images_per_second"] = images / max(record["seconds"], 1e-9)
-    scalars.add(step, **values, **{"epoch/learning_rate": lr})
-
-
-def _diverged(store, scalars, position: Position, steps_per_epoch: int, loss: float):
-    last = None
-    if store is not None:
-        steps = store.checkpoints.steps()
-        last = (
-            f"the last good checkpoint is step {steps[-1]} in {store.directory}"
-            if steps
-            else "no checkpoint was saved before it"
-        )
-        store.close()
-        scalars.close()
-    where = position.global_step(steps_per_epoch)
-    raise Diverged(
-        f"the training loss became {loss} by step {where} (epoch {position.epoch + 1}, step "
-        f"{position.step_in_epoch} of {steps_per_epoch}); stopped without saving it"
-        + (f"; {last}" if last else "")
-        + ". A lower --lr usually helps (start over with --restart)"
-    )
-
-
-def _interrupted(store: RunStore | None, scalars, position: Position, steps_per_epoch: int):
-    if store is not None:
-        store.close()
-        scalars.close()
-    where = f"; checkpoint saved in {store.directory}" if store is not None else ""
-    raise Interrupted(
-        f"stopped at step {position.global_step(steps_per_epoch)} (epoch {position.epoch + 1}, "
-        f"step {position.step_in_epoch} of {steps_per_epoch}){where}"
-    )

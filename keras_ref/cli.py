@@ -7,13 +7,14 @@ cnn_jax never imports this package: pyproject.toml names `register` under the en
 import argparse
 
 from cnn_jax.config import PIXELS
+from cnn_jax.errors import UserError
 
 
 def _convert():
     try:
         from keras_ref import convert
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"this command needs TensorFlow and Keras ({e}): pip install 'cnn-jax[keras]'"
         ) from None
     return convert

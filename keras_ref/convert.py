@@ -4,7 +4,6 @@ Keras and Flax share kernel layouts (conv HWIO, dense (in, out)) and Flatten's N
 every array copies as it is, matched by position in the model.
 """
 
-import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -14,8 +13,10 @@ from flax import nnx
 
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.config import PIXELS, Config
+from cnn_jax.errors import UserError
 from cnn_jax.inference import load_checkpoint
 from cnn_jax.models import Model3
+from cnn_jax.run_meta import RunMeta
 from cnn_jax.steps import create_trainer
 from keras_ref.models import create_model
 
@@ -33,7 +34,7 @@ _SIGNATURE = {
 MODELS = (1, 2, 3)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A Keras file that is not one of the two networks, or cannot be read."""
 
 
@@ -175,15 +176,7 @@ def import_keras(path: Path | str, ckpt_dir: Path | str, pixels: str = "raw") ->
     store = Checkpoints(ckpt_dir)
     if store.steps():
         raise ConversionError(f"{store.directory} already holds checkpoints: choose a new folder")
-    meta = {
-        "config": dataclasses.asdict(config),
-        "num_classes": num_classes,
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "epochs": [],
-        "data_fingerprint": None,
-        "imported_from": str(Path(path).resolve()),
-    }
+    meta = RunMeta.for_run(config, num_classes, 0, 0, [], imported_from=str(Path(path).resolve()))
     store.save(0, state, meta)
     store.close()
     return store.directory / "0"
@@ -197,7 +190,7 @@ def to_keras(ckpt: Path | str) -> keras.Model:
         raise ConversionError(
             f"export-keras writes one network, and this is an ensemble of {cfg.ensemble}"
         )
-    net = create_model(cfg.model, cfg.image_size, restored.meta["num_classes"])
+    net = create_model(cfg.model, cfg.image_size, restored.meta.num_classes)
     weights = nnx.to_pure_dict(restored.params)
     layers = [layer for layer in net.layers if layer.weights]
     for (path, names), layer in zip(_layer_names(cfg.model), layers, strict=True):

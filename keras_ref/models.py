@@ -4,11 +4,13 @@ cnn_jax/models.py."""
 import keras
 from keras import layers
 
+from cnn_jax.errors import UserError
+
 
 def create_model(model: int, image_size: int = 30, num_classes: int = 43) -> keras.Sequential:
     """The tutorial's `get_model()`, compiled as it compiles it (Model 3: cnn_jax's)."""
     if model not in (1, 2, 3):
-        raise ValueError(f"unknown model {model!r}: choose 1, 2 or 3")
+        raise UserError(f"unknown model {model!r}: choose 1, 2 or 3")
     if model == 3:
         return _model3(image_size, num_classes)
     blocks = [

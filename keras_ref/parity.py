@@ -20,7 +20,7 @@ def twins(model: int, image_size: int = 30, num_classes: int = 43, seed: int = 0
     net = create_model(model, image_size, num_classes)
     if model == 3:
         _randomise_batch_norm(net, seed)
-    # Full float32 products: a GPU's default TF32 would loosen the comparison (NUMERICS.md).
+    # Full float32 products: a GPU's default TF32 (10-bit mantissas) would loosen the comparison.
     cfg = Config(
         model=model, image_size=image_size, dropout=dropout, pixels="unit", precision="highest"
     )
@@ -64,12 +64,37 @@ def forward_difference(model: int, n: int = 64, seed: int = 0) -> dict:
     }
 
 
+def _at(tree: dict, path: str) -> dict:
+    """keras_weights' 'convs/0' path in a pure dict of NNX state (list indices are ints)."""
+    for key in path.split("/"):
+        tree = tree[int(key) if key.isdigit() else key]
+    return tree
+
+
+def _merged(a: dict, b: dict) -> dict:
+    """Two pure dicts of NNX state (parameters, batch statistics) as one, merged per level."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
 def training_difference(
-    model: int, steps: int = 5, batch: int = 32, seed: int = 0, flat: bool = False
+    model: int, steps: int = 5, batch: int = 32, seed: int = 0, flat: bool = False, sgd=None
 ) -> dict:
-    """Max |weight difference| after `steps` Adam steps on the same fixed batches, dropout off."""
+    """Max |weight difference| after `steps` Adam steps on the same fixed batches, dropout off
+    (Model 3's batch statistics included); with `sgd` a learning rate, plain gradient descent
+    on both sides instead."""
     net, trainer, state = twins(model, seed=seed, dropout=0.0)
     net.get_layer("dropout").rate = 0.0
+    if sgd is not None:
+        import dataclasses
+
+        import optax
+
+        net.compile(optimizer=keras.optimizers.SGD(sgd), loss="categorical_crossentropy")
+        trainer = dataclasses.replace(trainer, tx=optax.sgd(sgd))
+        state = trainer.place(trainer.init_state(state.params, state.batch_stats))
     images = random_images(steps * batch, seed=seed + 1, flat=flat)
     labels = np.random.default_rng(seed + 2).integers(0, 43, steps * batch).astype(np.int32)
     x = images.astype(np.float32) / 255.0
@@ -79,12 +104,52 @@ def training_difference(
         s = slice(i * batch, (i + 1) * batch)
         net.train_on_batch(x[s], y[s])
         state = trainer.train_step(state, images, labels, order, len(order), i, 0)
-    ours = nnx.to_pure_dict(state.params)
+    stats = nnx.to_pure_dict(state.batch_stats) if state.batch_stats else {}
+    ours = _merged(nnx.to_pure_dict(state.params), stats)
     theirs = keras_weights(net, model)
     start = keras_weights(twins(model, seed=seed)[0], model)
     diff = moved = 0.0
     for layer, arrays in theirs.items():
         for name, value in arrays.items():
-            diff = max(diff, float(np.max(np.abs(np.asarray(ours[layer][name]) - value))))
+            mine = np.asarray(_at(ours, layer)[name])
+            diff = max(diff, float(np.max(np.abs(mine - value))))
             moved = max(moved, float(np.max(np.abs(value - start[layer][name]))))
     return {"max_abs": diff, "max_weight_change": moved}
+
+
+def gradient_differences(model: int, image_size: int = 32, batch: int = 32, seed: int = 0):
+    """Both sides' loss and gradients on one batch in training mode (batch statistics, dropout
+    off): (our loss, Keras' loss, {'layer/name': max |difference| / Keras' largest value})."""
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    from cnn_jax.steps import cross_entropy
+
+    net, trainer, state = twins(model, image_size=image_size, seed=seed, dropout=0.0)
+    net.get_layer("dropout").rate = 0.0
+    images = random_images(batch, image_size=image_size, seed=seed + 1)
+    labels = np.random.default_rng(seed + 2).integers(0, 43, batch).astype(np.int32)
+    with tf.GradientTape() as tape:
+        probs = net(images.astype(np.float32) / 255.0, training=True)
+        theirs = tf.reduce_mean(keras.losses.categorical_crossentropy(
+            keras.utils.to_categorical(labels, 43), probs))  # fmt: skip
+    keras_grads = iter(g.numpy() for g in tape.gradient(theirs, net.trainable_weights))
+
+    def loss(params, stats):
+        logits, _ = trainer.apply(params, jnp.asarray(images), jax.random.key(0), stats or None)
+        return cross_entropy(logits, jnp.asarray(labels), jnp.ones(batch))
+
+    to_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    params, stats = to_device(state.params), to_device(state.batch_stats or nnx.State({}))
+    ours, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, stats)
+    grads = nnx.to_pure_dict(grads[0])
+    differences = {}
+    for layer, arrays in keras_weights(net, model).items():
+        for name in arrays:
+            if name in ("mean", "var"):  # running statistics: no gradient
+                continue
+            want = next(keras_grads)
+            got = np.asarray(_at(grads, layer)[name])
+            differences[f"{layer}/{name}"] = float(np.abs(got - want).max() / np.abs(want).max())
+    return float(ours), float(theirs), differences

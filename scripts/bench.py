@@ -10,9 +10,9 @@ Training: in one process, alternating rounds of `--steps` JAX steps (the jitted 
 number of batches (timed per batch by a callback), same model, batch size and data, after a
 warm-up that compiles both. Medians over all timed steps. Inference: images/s evaluating the
 test split (cnn_jax's `evaluate` in batches of 256, Keras' `evaluate` in batches of 1000).
-Loading: cnn_jax's loader without cache (cold) and from its cache (warm) against the tutorial's
-serial cv2.imread + cv2.resize loop. The operating system's file cache is warm for all three:
-nothing here can drop it.
+Loading: cnn_jax's loader without cache (cold, alternating with the tutorial's serial
+cv2.imread + cv2.resize loop, best of 3 each) and from its cache (warm). The operating
+system's file cache is warm for all three: nothing here can drop it.
 
 --recipe (JAX only): ms per training step of Model 3 under `--recipe strong` (32x32, batch 64)
 with augmentation off and on, and of ensembles of 2-4 members against one, medians after a
@@ -24,8 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +35,10 @@ import numpy as np
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config, with_recipe
-from cnn_jax.loop import train_epoch
+from cnn_jax.data.synthetic import make_synthetic
 from cnn_jax.predictor import evaluate
 from cnn_jax.steps import create_trainer
-from cnn_jax.synthetic import make_synthetic
+from cnn_jax.train import train_epoch
 from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 
@@ -57,7 +55,7 @@ def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4)) -> list[dic
             seeds = np.arange(k, dtype=np.int32) if k > 1 else 0
             ms = []
             for r in range(rounds + 1):  # round 0 compiles
-                state, round_ms, _, _ = train_epoch(trainer, state, images, labels, order, seeds)
+                state, round_ms, _ = train_epoch(trainer, state, images, labels, order, seeds)
                 ms += round_ms if r else []
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms)})
             print(f"recipe model 3  members {k}  augment {'on ' if augment else 'off'}  "
@@ -78,7 +76,7 @@ def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_p
     order = np.arange(n)
     jax_ms, keras_ms = [], []
     for r in range(rounds + 1):  # round 0 is the warm-up: both sides compile
-        state, ms, _, _ = train_epoch(trainer, state, images, labels, order, 0)
+        state, ms, _ = train_epoch(trainer, state, images, labels, order, 0)
         timer = StepTimer()
         net.fit(x[:n], y[:n], batch_size=cfg.batch_size, epochs=1, verbose=0, callbacks=[timer])
         if r:
@@ -120,35 +118,45 @@ def opencv_loop(root: Path, size: int = 30) -> tuple[int, float]:
     return count, time.perf_counter() - t0
 
 
-_LOAD = """
-import json, sys, time
-from cnn_jax import data
-t0 = time.perf_counter()
-ds = data.load_folder(sys.argv[1], cache_dir=sys.argv[2])
-cold = time.perf_counter() - t0
-t0 = time.perf_counter()
-data.load_folder(sys.argv[1], cache_dir=sys.argv[2])
-print(json.dumps({"cnn_jax_cold_s": cold, "cnn_jax_warm_s": time.perf_counter() - t0,
-                  "images": len(ds.labels)}))
-"""
+def bench_loading(root: Path, rounds: int = 3) -> dict:
+    """Seconds of cnn_jax's cold load (no cache: every file decoded), alternating with the
+    tutorial's OpenCV loop in this process, the best of `rounds` each; then its warm load
+    (from its cache)."""
+    from cnn_jax import data
 
-
-def bench_loading(root: Path) -> dict:
-    """cnn_jax's loader in a fresh process, as `cnn-jax train` runs it (its decode workers
-    re-import the main module, which here would import TensorFlow), then the OpenCV loop."""
+    cold, tutorial = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        ds = data.load_folder(root, use_cache=False)
+        cold.append(time.perf_counter() - t0)
+        try:
+            images, seconds = opencv_loop(root)
+            tutorial.append(seconds)
+        except ImportError:
+            images = None  # opencv-python-headless is not installed
     with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run(
-            [sys.executable, "-c", _LOAD, str(root), cache],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    result = json.loads(out)
-    try:
-        result["opencv_images"], result["opencv_loop_s"] = opencv_loop(root)
-    except ImportError:
-        result["opencv_loop_s"] = None  # opencv-python-headless is not installed
-    return result
+        data.load_folder(root, cache_dir=cache)
+        t0 = time.perf_counter()
+        data.load_folder(root, cache_dir=cache)
+        warm = time.perf_counter() - t0
+    return {
+        "images": len(ds.labels),
+        "cnn_jax_cold_s": min(cold),
+        "cnn_jax_cold_rounds_s": cold,
+        "cnn_jax_warm_s": warm,
+        "opencv_images": images,
+        "opencv_loop_s": min(tutorial) if tutorial else None,
+        "opencv_loop_rounds_s": tutorial,
+    }
+
+
+def _load_line(ld: dict) -> str:
+    cv = ld["opencv_loop_s"]
+    return (
+        f"load   {ld['images']:,} images: cnn_jax cold {ld['cnn_jax_cold_s']:.2f}s, warm "
+        f"{ld['cnn_jax_warm_s']:.2f}s; tutorial's OpenCV loop "
+        + (f"{cv:.2f}s, cold/loop {ld['cnn_jax_cold_s'] / cv:.2f}" if cv else "not run")
+    )
 
 
 def machine() -> dict:
@@ -182,7 +190,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="synthetic data, few steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
+    p.add_argument("--load-only", action="store_true", help="only the data loading")
     args = p.parse_args()
+    if args.load_only:
+        print(_load_line(bench_loading(Path(args.data).resolve())))
+        return
     if args.recipe:
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
@@ -235,13 +247,7 @@ def main() -> None:
     if root is not None:
         result["loading"] = bench_loading(root)
         if not args.json:
-            ld = result["loading"]
-            cv = ld["opencv_loop_s"]
-            print(
-                f"load   {ld['images']:,} images: cnn_jax cold {ld['cnn_jax_cold_s']:.2f}s, "
-                f"warm {ld['cnn_jax_warm_s']:.2f}s; tutorial's OpenCV loop "
-                + (f"{cv:.2f}s" if cv is not None else "not run (no opencv)")
-            )
+            print(_load_line(result["loading"]))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

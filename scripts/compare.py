@@ -16,7 +16,7 @@ import statistics
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import data
 from cnn_jax.config import Config
-from cnn_jax.synthetic import make_synthetic
+from cnn_jax.data.synthetic import make_synthetic
 from cnn_jax.train import fit as jax_fit
 from keras_ref.train import fit as keras_fit
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def _load(data, quick):
     from cnn_jax import data as data_lib
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     if data:
         return data_lib.load_folder(data)

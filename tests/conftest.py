@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny():
     """A small synthetic set: 43 classes, 10 images each."""
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     return make_synthetic(n_per_class=10, seed=0)
 

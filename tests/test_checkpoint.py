@@ -18,13 +18,13 @@ from cnn_jax import checkpoint, steps, train
 from cnn_jax.checkpoint import CheckpointError, Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config as _Config
-from cnn_jax.synthetic import make_synthetic
+from cnn_jax.data.synthetic import make_synthetic
 
 # CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
 Config = functools.partial(_Config, platform="cpu")
 
 # One device, as the `cnn-jax` subprocesses below have. 516 train images: 17 steps per epoch.
-CFG = Config(epochs=2, synthetic_per_class=20, devices=1)
+CFG = Config(epochs=2, synthetic_per_class=20, devices=1, eval_every_epoch=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_keeps_latest_two_and_the_best_on_validation(small, tmp_path):
     _, metrics = train.fit(cfg, small, tmp_path, verbose=False, save_every=4)
     store = Checkpoints(tmp_path)
     best = store.best_step()
-    accs = {s: store.read_meta(s)["val_accuracy"] for s in store.steps()}
+    accs = {s: store.read_meta(s).val_accuracy for s in store.steps()}
     spe = -(-metrics["n_train"] // 32)
     assert store.steps()[-2:] == [4 * spe - 4, 4 * spe]  # a --save-every save, the last epoch
     assert set(store.steps()) - {4 * spe - 4, 4 * spe} <= {best}
@@ -133,6 +133,33 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes(small, reference, tmp_
     assert info.stderr.count("\n") == 1 and "step 10" in info.stderr
     state, _ = train.fit(CFG, small, tmp_path, verbose=False, resume_fallback=True)
     assert checkpoint.params_digest(state.params) == digest
+
+
+def test_a_restore_failure_that_is_not_damage_moves_nothing(small, tmp_path, monkeypatch):
+    """Only damaged files are set aside: an intact step that fails to restore (here orbax's
+    restore raising as if a library upgrade had changed its interface) names itself and every
+    step folder stays where it was, --resume-fallback or not."""
+    import orbax.checkpoint as ocp
+
+    with pytest.raises(train.Interrupted):
+        train.fit(CFG, small, tmp_path, verbose=False, save_every=4, should_stop=_stop_at(10))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    def upgraded(self, *args, **kwargs):
+        raise TypeError("restore() got an unexpected keyword argument 'args'")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", upgraded)
+    with pytest.raises(checkpoint.RestoreFailed, match="step 10 .* is intact .* nothing was moved"):
+        train.fit(CFG, small, tmp_path, verbose=False, resume_fallback=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "checkpoints-set-aside").exists()
+    # The same failure on a damaged step is damage: one changed byte tells them apart.
+    victim = _largest_file(tmp_path / "checkpoints" / "10" / "state")
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="step 10 .* corrupt .* does not match its SHA-256"):
+        train.fit(CFG, small, tmp_path, verbose=False)
 
 
 def test_flipped_bytes_and_missing_items_are_detected(small, tmp_path):

@@ -138,3 +138,18 @@ def test_config_choices_are_the_implementations():
 
     assert set(config.DTYPES) == set(models.DTYPES)
     assert set(config.OPTIMIZERS) == set(optim.DIRECTIONS)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, KeyError, OSError])
+def test_a_bug_is_exit_1_with_its_traceback_not_bad_input(tmp_path, capsys, monkeypatch, error):
+    from cnn_jax import train
+
+    def broken(*args, **kwargs):
+        raise error("an internal inconsistency")  # a ValueError or an OSError of ours too
+
+    monkeypatch.setattr(train, "fit", broken)
+    args = ["train", "--epochs", "1", "--synthetic-per-class", "2", "--platform", "cpu"]
+    assert main([*args, "--workdir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "an internal inconsistency" in err
+    assert err.strip().splitlines()[-1].startswith("cnn-jax train: internal error:")

@@ -24,14 +24,24 @@ def test_cs50_folder_loads_and_skips_broken_files(cs50_folder, tmp_path):
     assert ds.num_classes == 3
 
 
-def test_pixels_match_a_direct_pillow_decode(cs50_folder, tmp_path):
-    from PIL import Image
+def test_pixels_match_the_tutorials_opencv_decode(cs50_folder):
+    import cv2
 
     ds = data.load_folder(cs50_folder, image_size=30, use_cache=False)
+    for name in ("1/00009_00000.png", "0/00000_00001.ppm", "2/00009_00000.jpg"):
+        bgr = cv2.resize(cv2.imread(str(cs50_folder / name)), (30, 30))  # the tutorial's two calls
+        np.testing.assert_array_equal(ds.images[list(ds.paths).index(name)], bgr[..., ::-1])
+
+
+def test_the_pillow_decoder_matches_a_direct_pillow_decode(cs50_folder):
+    from PIL import Image
+
+    ds = data.load_folder(cs50_folder, image_size=30, use_cache=False, decoder="pillow")
     i = list(ds.paths).index("1/00009_00000.png")
     with Image.open(cs50_folder / "1" / "00009_00000.png") as im:
         expected = np.asarray(im.convert("RGB").resize((30, 30), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(ds.images[i], expected)
+    assert len(ds.skipped) == 3  # the same files are broken for either decoder
 
 
 def test_second_load_comes_from_the_cache(cs50_folder, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from conftest import start_cli
 
 from cnn_jax import backend, checkpoint, ops, parallel, steps, train
 from cnn_jax.config import Config
-from cnn_jax.synthetic import make_synthetic
+from cnn_jax.data.synthetic import make_synthetic
 
 pytestmark = pytest.mark.gpu
 

@@ -63,24 +63,18 @@ def test_stuck_reasons():
     assert guards.stuck_reason([{"train_loss": 1.0}], prior, np.arange(50) % 3) is None
 
 
-def test_a_stuck_run_warns_once_and_records_it(tmp_path, capsys):
-    metrics = {"epochs": [{"train_loss": 3.76}]}
-    cfg = Config(pixels="raw")
-    train._warn_if_stuck(metrics, float(np.log(43)), None, cfg)
-    assert "warnings" not in metrics or not metrics["warnings"]
-    metrics["epochs"].append({"train_loss": 3.77})
-    train._warn_if_stuck(metrics, float(np.log(43)), None, cfg)
-    train._warn_if_stuck(metrics, float(np.log(43)), None, cfg)
-    (warning,) = metrics["warnings"]
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "--pixels unit" in warning and "a lower --lr" in warning
-
-
 def test_every_run_folder_gets_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = Config(epochs=2, synthetic_per_class=10, platform="cpu", devices=1, val_size=0.2)
-    from cnn_jax.synthetic import make_synthetic
+    cfg = Config(
+        epochs=2,
+        synthetic_per_class=10,
+        platform="cpu",
+        devices=1,
+        val_size=0.2,
+        eval_every_epoch=True,
+    )
+    from cnn_jax.data.synthetic import make_synthetic
 
     _, metrics = train.fit(cfg, make_synthetic(10), tmp_path, verbose=False, log_every=2)
     events = EventAccumulator(str(tmp_path)).Reload()

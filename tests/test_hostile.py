@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -112,7 +113,7 @@ def test_class_folders_that_cannot_train(tmp_path, capsys, folders, message):
 
 def test_a_batch_larger_than_the_training_split_runs_at_the_splits_size():
     from cnn_jax import train
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     tiny = make_synthetic(2)
     big = Config(batch_size=100_000, epochs=1, platform="cpu", devices=1, synthetic_per_class=2)
@@ -152,9 +153,23 @@ def test_resuming_with_fewer_epochs_is_refused_and_changes_nothing(run, tmp_path
     assert _tree(run) == before
 
 
-def test_predict_on_a_decompression_bomb_is_one_line(run, tmp_path, capsys, monkeypatch):
-    write_image(tmp_path / "big.png", size=(60, 60))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 3,600 pixels: over twice the limit
+def _png_bomb(path: Path, side: int = 100_000) -> None:
+    """A 1 KB PNG whose header declares side x side pixels (30 GB decoded at 100,000)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b""))
+
+
+def test_predict_on_a_decompression_bomb_is_one_line(run, tmp_path, capsys):
+    _png_bomb(tmp_path / "big.png")
     err = _fails(capsys, ["predict", str(run), str(tmp_path / "big.png"), "--platform", "cpu"],
                  "DecompressionBombError")  # fmt: skip
     assert "cannot read" in err
@@ -245,18 +260,21 @@ def test_resume_fallback_gets_past_a_corrupt_latest_checkpoint(run, capsys):
     assert main(args[:2] + ["4"] + args[3:]) == 0  # and on: no "already exists"
 
 
-def test_a_script_without_a_main_guard_loads_with_worker_processes(tmp_path, cs50_folder):
+def test_a_script_without_a_main_guard_loads_a_folder(tmp_path, cs50_folder):
     import subprocess
     import sys
+
+    from cnn_jax.data import decode
 
     script = tmp_path / "quick.py"
     script.write_text(
         "import sys\n"
         "from cnn_jax import data\n"
-        "data._PARALLEL_FROM = 1  # workers even for a few files\n"
+        "data.decode._THREADS_FROM = 1  # threads even for a few files\n"
         "ds = data.load_folder(sys.argv[1], use_cache=False)\n"
         "print('loaded', len(ds.labels), 'skipped', len(ds.skipped))\n"
     )
+    assert decode._THREADS_FROM > 1  # the script's setting is a real change
     done = subprocess.run([sys.executable, str(script), str(cs50_folder)], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -264,35 +282,51 @@ def test_a_script_without_a_main_guard_loads_with_worker_processes(tmp_path, cs5
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_a_signal_while_decoding_ends_every_worker(tmp_path, monkeypatch, signum):
-    import multiprocessing
+def test_a_signal_while_decoding_stops_every_thread(tmp_path, signum):
     import os
     import signal
     import threading
     import time
 
-    from cnn_jax import cli, data
+    from cnn_jax import data, signals
 
     write_image(tmp_path / "a.png")
-    monkeypatch.setattr(data, "_PARALLEL_FROM", 1)
-    # 200,000 tiny tasks: far more work (tens of seconds) than the second before the signal.
-    monkeypatch.setattr(data, "_CHUNK", 1)
     sig = getattr(signal, signum)
-    previous = signal.signal(signal.SIGTERM, cli._terminate)
+    previous = signal.signal(signal.SIGTERM, signals._handle)
     # As in a terminal: a test runner started in the background inherits SIGINT ignored.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), sig))
     try:
         timer.start()
         t0 = time.perf_counter()
+        # 400,000 decodes: far more work (a minute or more) than the second before the signal.
         with pytest.raises(KeyboardInterrupt):
-            data.decode_files([tmp_path / "a.png"] * 200_000, 8, workers=2)
-        assert time.perf_counter() - t0 < 30
+            data.decode_files([tmp_path / "a.png"] * 400_000, 8, workers=2)
+        assert time.perf_counter() - t0 < 5
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-    assert multiprocessing.active_children() == []
+        signals.RECEIVED.clear()  # as the command's end does
+    from cnn_jax.data.decode import THREAD_NAME
+
+    time.sleep(0.1)  # each thread has stopped decoding; this lets it leave Python's list
+    assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]  # none left running
+
+
+def test_a_bug_while_decoding_is_raised_not_skipped(tmp_path, monkeypatch):
+    from cnn_jax import data
+    from cnn_jax.data import decode
+
+    write_image(tmp_path / "a.png")
+    monkeypatch.setattr(decode, "_THREADS_FROM", 1)
+
+    def broken(*args):
+        raise TypeError("a bug, not a broken file")
+
+    monkeypatch.setattr(decode, "_decode_bgr", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        data.decode_files([tmp_path / "a.png"] * 4, 8, workers=2)
 
 
 def test_a_file_name_that_is_not_utf8_trains_and_caches(tmp_path, capsys):
@@ -334,9 +368,13 @@ def test_the_readme_python_example_runs_as_a_plain_script(tmp_path, cs50_folder)
     code = code.replace('"path/to/gtsrb"', f"{str(cs50_folder)!r}, cache_dir={str(tmp_path)!r}")
     code = code.replace("epochs=10", 'epochs=1, platform="cpu"')
     code = code.replace('"runs/m2-python"', repr(str(tmp_path / "run")))
-    assert "cache_dir" in code and "epochs=1" in code  # the example still has those parts
+    code = code.replace('split="track", val_size=0.1', "val_size=0.3")  # 14 images, few tracks
+    # the example still has those parts
+    assert "cache_dir" in code and "epochs=1" in code and "val_size=0.3" in code
     (tmp_path / "example.py").write_text(code)
     done = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "metrics.json").is_file()
+    accuracy, selected, epochs = done.stdout.splitlines()[-1].split()
+    assert 0 <= float(accuracy) <= 1 and selected == epochs == "1"

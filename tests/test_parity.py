@@ -53,6 +53,42 @@ def test_five_adam_steps_match_keras(model, flat):
     assert d["max_abs"] < 1e-4, d
 
 
+# A gradient sums up to 32 x 30 x 30 = 28,800 float32 products; summed in another order (the
+# two frameworks' kernels) such a sum moves by about sqrt(n) * 2**-24 of its terms' size when
+# the rounding errors are independent, 1e-5: 3e-5 of each array's largest value allows that
+# (measured: at most 4.1e-6), where a wrong formula moves a gradient by percents.
+GRADIENT_RTOL = 3e-5
+# Model 3's weights whose gradients Keras computes as cnn_jax does: the head and the last
+# convolution with its batch norm. Below norm3b, TensorFlow's gradients part from ours by up to
+# 3.6% of their size; ours equal float64 finite differences there (norm3a's shift, channel
+# 116: -0.0122239 from both, TensorFlow -0.0106), so the difference is TensorFlow's.
+MODEL_3_SHARED = ("logits/", "dense1/", "norms2/2/", "convs2/2/")
+
+
+@pytest.mark.parametrize("model", [1, 2, 3])
+def test_one_batchs_loss_and_gradients_match_keras(model):
+    ours, theirs, differences = parity.gradient_differences(model, 30 if model < 3 else 32)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    if model == 3:
+        differences = {k: v for k, v in differences.items() if k.startswith(MODEL_3_SHARED)}
+        assert len(differences) == 7
+    assert max(differences.values()) < GRADIENT_RTOL, differences
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TensorFlow's gradients of Model 3 below its last batch norm differ from ours (and "
+    "from float64 finite differences) by up to 3.6% (MODEL_3_SHARED)",
+)
+def test_five_gradient_steps_of_model_3_match_keras():
+    """Plain gradient descent on both sides (Adam would turn float32 noise in the directions
+    batch norm leaves without gradient into whole steps of the learning rate), batch
+    statistics compared too. Fails while TensorFlow's gradient below norm3b differs."""
+    d = parity.training_difference(3, steps=5, sgd=0.05)
+    assert d["max_weight_change"] > 1e-2  # the weights did move
+    assert d["max_abs"] < 1e-4, d
+
+
 def test_pool_gradient_ties_go_where_tensorflow_sends_them():
     import jax
     import jax.numpy as jnp
@@ -117,7 +153,7 @@ def _write_folder(root, ds):
 
 def test_a_tutorial_keras_file_imports_evaluates_and_exports(tmp_path, capsys):
     from cnn_jax import data
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     _write_folder(tmp_path / "signs", make_synthetic(12, seed=3))
     ds = data.load_folder(tmp_path / "signs", use_cache=False)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import augment, checkpoint, config, data, models, sources, steps, train
+from cnn_jax import augment, checkpoint, config, data, models, steps, train
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config as _Config
@@ -34,7 +34,7 @@ STRONG = Config(
 
 @pytest.fixture(scope="module")
 def small():
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     return make_synthetic(STRONG.synthetic_per_class)
 
@@ -95,15 +95,19 @@ def test_equalized_pixels_spread_a_dark_image_and_agree_between_numpy_and_jax():
     # One tone curve for all channels: a pixel's channel order is kept.
     assert np.all(np.diff(image.astype(int), axis=-1) * np.diff(eq, axis=-1) >= 0)
     # A gamma-brightened grey image (a monotone, not linear, change) equalises to the same
-    # image; standard pixels, a linear map, cannot undo it.
+    # image, exactly: the same integer counts, then the same float32 operations on the same
+    # values; standard pixels, a linear map, cannot undo it.
     grey = np.repeat(image[..., :1], 3, axis=-1)
     brighter = (255 * (grey / 255) ** 0.5).round().astype(np.uint8)
     for pixels, same in (("equalize", True), ("standard", False)):
         change = np.abs(data.scale_pixels(brighter, pixels) - data.scale_pixels(grey, pixels))
-        assert (change.max() < 1e-5) == same
+        assert (change.max() == 0) == same
+    # NumPy and XLA share the integer tone curve; they may sum the standardisation's mean and
+    # spread (over 30 x 30 x 3 = 2,700 values) in other orders: a reordered float32 sum of n
+    # terms moves by at most n * 2**-24 of their size, 1.6e-4 here, on values within +-4.
     batch = _images()
     on_jax = jax.jit(lambda x: data.scale_pixels(x, "equalize"))(jnp.asarray(batch))
-    np.testing.assert_allclose(on_jax, data.scale_pixels(batch, "equalize"), atol=1e-5)
+    np.testing.assert_allclose(on_jax, data.scale_pixels(batch, "equalize"), atol=6e-4)
     flat = data.scale_pixels(np.full((1, 4, 4, 3), 9, np.uint8), "equalize")
     assert np.all(flat == 0)
 
@@ -232,7 +236,7 @@ def test_validation_split_is_carved_from_the_training_side():
     labels = np.array([int(p.split("/")[0]) for p in paths])
     ds = data.Dataset(np.zeros((len(labels), 2, 2, 3), np.uint8), labels, paths, ())
     cfg = Config(split="track", val_size=0.25, test_size=0.3)
-    tr, val, te = sources.split_run(cfg, ds)
+    tr, val, te = data.split_run(cfg, ds)
     assert len(set(tr) | set(val) | set(te)) == len(labels)
     assert not (set(tr) & set(val)) and not (set(val) & set(te)) and not (set(tr) & set(te))
     tracks = lambda idx: {p.rsplit("_", 1)[0] for p in paths[idx]}  # noqa: E731
@@ -248,7 +252,7 @@ def test_best_epoch_on_validation_is_the_runs_model(small, tmp_path):
     best = len(vals) - int(np.argmax(vals[::-1]))  # on a tie, the later epoch
     assert metrics["selected_epoch"] == best and metrics["val_accuracy"] == max(vals)
     store = Checkpoints(tmp_path, read_only=True)
-    assert store.read_meta(store.best_step())["epoch"] == best
+    assert store.read_meta(store.best_step()).epoch == best
     restored = load_checkpoint(tmp_path)
     ev = evaluate(restored.predictor, restored.params, *_test_split(cfg, small))
     assert ev["accuracy"] == metrics["test_accuracy"]
@@ -258,11 +262,11 @@ def test_without_validation_the_last_epoch_is_the_runs_model(small, tmp_path):
     cfg = dataclasses.replace(STRONG, epochs=2, augment=False)
     _, metrics = train.fit(cfg, small, tmp_path, verbose=False)
     assert metrics["selected_epoch"] == 2
-    assert load_checkpoint(tmp_path).meta["epoch"] == 2
+    assert load_checkpoint(tmp_path).meta.epoch == 2
 
 
 def _test_split(cfg, ds):
-    _, _, te = sources.split_run(cfg, ds)
+    _, _, te = data.split_run(cfg, ds)
     return ds.images[te], ds.labels[te]
 
 

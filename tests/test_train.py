@@ -106,7 +106,7 @@ def test_padded_last_batch_equals_a_plain_smaller_batch(model):
 
 
 def test_training_learns_the_synthetic_signs():
-    from cnn_jax.synthetic import make_synthetic
+    from cnn_jax.data.synthetic import make_synthetic
 
     ds = make_synthetic(n_per_class=40, seed=1)
     _, m = train.fit(Config(epochs=6, seed=0, devices=1), ds, verbose=False)

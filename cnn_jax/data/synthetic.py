@@ -8,7 +8,8 @@ pipeline in about a minute, and it is what the tests train on.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from cnn_jax.data import Dataset
+from cnn_jax.data.dataset import Dataset
+from cnn_jax.errors import UserError
 
 _SHAPES = ("circle", "triangle", "inverted", "octagon", "diamond", "square")
 # (border, fill, glyph) colours, loosely after real sign families.
@@ -64,7 +65,7 @@ def make_synthetic(
 ) -> Dataset:
     """Renders `n_per_class` images of each class, reproducibly for a given seed."""
     if not 1 <= num_classes <= len(_GLYPHS):
-        raise ValueError(f"synthetic data has 1 to {len(_GLYPHS)} classes, not {num_classes}")
+        raise UserError(f"synthetic data has 1 to {len(_GLYPHS)} classes, not {num_classes}")
     rng = np.random.default_rng(seed)
     font = ImageFont.load_default(size=36)
     signs = [_draw_sign(c, font) for c in range(num_classes)]

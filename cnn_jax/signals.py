@@ -1,0 +1,64 @@
+"""Ctrl-C and SIGTERM for the `cnn-jax` command: each signal is recorded before anything else
+happens, so that none is ever lost.
+
+The handlers raise at once (KeyboardInterrupt, or Terminated for SIGTERM), which unwinds
+whatever is running. Python drops an exception raised inside a garbage-collection callback
+(JAX registers one), and library code may swallow one; the record survives that, and `check()`
+at the command's safe points raises it again. Training polls the record instead (cli's
+_StopOnSignal), to save a checkpoint first.
+"""
+
+import signal
+
+RECEIVED: list[int] = []  # every signal the command received, in order
+_installed = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _handle(signum, frame):
+    RECEIVED.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def install() -> dict:
+    """Our handlers for SIGTERM, and SIGINT unless it is ignored (a background job); returns
+    the previous ones for `restore`. Nested calls leave the first in place."""
+    global _installed
+    if _installed:
+        return {}
+    wanted = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        wanted.append(signal.SIGINT)
+    RECEIVED.clear()
+    previous = {s: signal.signal(s, _handle) for s in wanted}
+    _installed = True
+    return previous
+
+
+def restore(previous: dict) -> None:
+    """Puts back what `install` replaced, and forgets the signals (the command is over)."""
+    global _installed
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    if previous:
+        _installed = False
+        RECEIVED.clear()
+
+
+def check() -> None:
+    """Raises the first signal received, if its exception was lost; no-op without one."""
+    if RECEIVED:
+        raise Terminated if RECEIVED[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+def exit_code(exc: BaseException) -> int:
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def name(exc: BaseException) -> str:
+    return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
