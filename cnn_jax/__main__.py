@@ -11,6 +11,8 @@ def run() -> int:
     signals.install()
     try:
         from cnn_jax.cli import main
+
+        signals.check()  # one that an import swallowed
     except KeyboardInterrupt as e:
         print(f"cnn-jax: interrupted ({signals.name(e)})", file=sys.stderr)
         return signals.exit_code(e)

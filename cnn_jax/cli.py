@@ -186,6 +186,7 @@ def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> d
 def _train(args) -> int:
     # XLA reads its flags when JAX starts a backend: before anything below imports JAX.
     backend.use_deterministic_ops(getattr(args, "deterministic", True))
+    signals.check()
     from cnn_jax.guards import DIVERGED_EXIT, Diverged
     from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
@@ -415,6 +416,7 @@ def main(argv=None) -> int:
     previous = signals.install() if in_main_thread else {}
     try:
         args = _parser().parse_args(argv)
+        signals.check()
         return _run(args)
     except KeyboardInterrupt as e:  # before a command started (its own handler reports it)
         print(f"cnn-jax: interrupted ({signals.name(e)})", file=sys.stderr)

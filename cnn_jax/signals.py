@@ -8,6 +8,7 @@ at the command's safe points raises it again. Training polls the record instead 
 _StopOnSignal), to save a checkpoint first.
 """
 
+import gc
 import signal
 
 RECEIVED: list[int] = []  # every signal the command received, in order
@@ -22,7 +23,19 @@ class Terminated(KeyboardInterrupt):
 
 def _handle(signum, frame):
     RECEIVED.append(signum)
+    if _in_gc_callback(frame):  # Python would print the exception as "ignored" and drop it:
+        return  # the next check() raises it instead
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether the interrupted code runs inside a garbage-collection callback (JAX has one)."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install() -> dict:
