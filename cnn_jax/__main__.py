@@ -1,6 +1,6 @@
 """`python -m cnn_jax` and the `cnn-jax` script: the signal handlers go in first, before the
 command's imports take their half-second, so that a signal that early is not Python's default
-(a traceback for Ctrl-C) but one line and exit code 128 + the signal."""
+(a traceback for Ctrl-C) but one line and exit code 128 + the signal, at once."""
 
 import sys
 
@@ -9,14 +9,12 @@ from cnn_jax import signals
 
 def run() -> int:
     signals.install()
-    try:
+    with signals.ending_at_once():
         from cnn_jax.cli import main
-
-        signals.check()  # one that an import swallowed
-    except KeyboardInterrupt as e:
-        print(f"cnn-jax: interrupted ({signals.name(e)})", file=sys.stderr)
-        return signals.exit_code(e)
-    return main()
+    code = main()
+    if signals.RECEIVED:  # the command closed what it had open: no need to wait for teardown
+        signals.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

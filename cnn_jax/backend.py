@@ -1,62 +1,35 @@
 """Where training runs and how: the platform, deterministic GPU ops, matmul precision, and how
 many steps one compiled call runs.
-
-XLA reads its flags once, when JAX starts its first backend, so determinism must be chosen
-before any JAX work: the CLI does it first thing; from Python call `use_deterministic_ops()`
-before anything else touches JAX (or export XLA_FLAGS=--xla_gpu_deterministic_ops=true).
 """
 
 import math
-import os
 
 # JAX is imported inside the functions, so that `cnn-jax --help` stays fast without it.
 from cnn_jax.config import PLATFORMS, PRECISIONS
 from cnn_jax.errors import UserError
 
 # XLA:GPU runs some reductions with atomics and autotunes kernels by timing them, so two runs
-# can round differently; this flag excludes both (measured on an H100: +15-35% per step).
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+# can round differently; this option excludes both (measured on an H100: +15-35% per step). It
+# goes to the compiler with each program (jax.jit's compiler_options, which override XLA_FLAGS),
+# so it needs no setting before JAX starts, and an XLA that no longer knows it refuses to compile
+# ("No such compile option") rather than let a run be recorded as deterministic that is not.
+DETERMINISTIC_OPTION = "xla_gpu_deterministic_ops"
 # With --steps-per-call auto on an accelerator, one call runs up to this many images' worth of
 # steps: a whole epoch of the shared set at batch 32 (about 0.1 s on an H100), so the progress
 # bar, Ctrl-C and --save-every still answer several times a second.
 IMAGES_PER_CALL = 16_384
 
 
-def _backends_started() -> bool:
-    """Whether JAX has started a backend (and so read XLA_FLAGS). JAX 0.10 and 0.11 say so only
-    through a private function: if a later JAX drops it, this raises rather than guess, since
-    a wrong guess would record a run as deterministic that is not."""
-    from jax._src import xla_bridge  # no public equivalent in JAX 0.10/0.11
-
-    probe = getattr(xla_bridge, "backends_are_initialized", None)
-    if probe is None:
-        raise RuntimeError(
-            "this JAX no longer has jax._src.xla_bridge.backends_are_initialized: cnn_jax.backend "
-            "cannot tell whether XLA_FLAGS was read; update it for this JAX version"
-        )
-    return probe()
+def compiler_options(platform: str, deterministic: bool) -> dict:
+    """jax.jit's compiler_options for a program on `platform`: XLA's deterministic GPU ops on
+    or off (stated either way, so that neither XLA_FLAGS nor XLA's default decides)."""
+    return {DETERMINISTIC_OPTION: deterministic} if platform == "gpu" else {}
 
 
-def deterministic_ops() -> bool:
-    """Whether XLA_FLAGS asks for deterministic GPU ops (what the backend started with, if it
-    started after the flag was set)."""
-    return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "").split()
-
-
-def use_deterministic_ops(on: bool = True) -> None:
-    """Turns XLA's deterministic GPU ops on or off; must run before JAX starts a backend.
-
-    Raises ValueError when a backend already started with the other setting.
-    """
-    if on == deterministic_ops():
-        return
-    if _backends_started():
-        raise UserError(
-            f"deterministic ops must be chosen before JAX starts: call "
-            f"cnn_jax.backend.use_deterministic_ops({on}) first, or set XLA_FLAGS"
-        )
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != DETERMINISTIC_FLAG]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [DETERMINISTIC_FLAG] * on)
+def repeats(platform: str, deterministic: bool) -> bool:
+    """Whether runs repeat bit for bit: XLA:CPU's programs always do; a GPU's with the option
+    on. TPUs are not claimed: nothing here makes sure of it."""
+    return platform == "cpu" or (platform == "gpu" and deterministic)
 
 
 def resolve_platform(platform: str | None) -> str:

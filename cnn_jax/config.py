@@ -41,6 +41,66 @@ def setting(default, help, *, choices=None, low=None, high=None, above=None, bel
     return dataclasses.field(default=default, metadata=meta)
 
 
+def kind(field: dataclasses.Field) -> type:
+    """The field's value type: int for `int | None` and for steps_per_call's `int | str`."""
+    args = typing.get_args(field.type) or (field.type,)
+    return next(t for t in args if t is not type(None))
+
+
+def _check(field: dataclasses.Field, value, name: str | None = None) -> None:
+    meta, name, want = field.metadata, name or flag(field.name), kind(field)
+    if want is Strengths:  # checked by its own __post_init__
+        if not isinstance(value, Strengths):
+            raise UserError(f"the augmentation strengths must be a dict, not {value!r}")
+        return
+    if value is None and field.default is None or value == field.default == "auto":
+        return
+    if meta["choices"] is not None:
+        if value not in meta["choices"]:
+            options = ", ".join(map(str, meta["choices"]))
+            raise UserError(f"{name} must be one of {options}, not {value!r}")
+    elif want is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, not {value!r}")
+    elif want is str:
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{name} must be a non-empty text, not {value!r}")
+    else:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or (want is int and value != int(value)):
+            what = "a whole number" if want is int else "a finite number"
+            raise UserError(f"{name} must be {what}, not {value!r}")
+        for bound, fails, words in (
+            ("low", lambda b: value < b, "at least"),
+            ("high", lambda b: value > b, "at most"),
+            ("above", lambda b: value <= b, "above"),
+            ("below", lambda b: value >= b, "below"),
+        ):
+            if meta[bound] is not None and fails(meta[bound]):
+                raise UserError(f"{name} must be {words} {meta[bound]}, not {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strengths:
+    """How far --augment goes: the largest change of each kind, each image drawing uniformly
+    within ±strength. One value in Config; `--aug-<name>` on the command line."""
+
+    rotate: float = setting(15.0, "largest rotation, degrees", low=0, high=180)
+    scale: float = setting(0.1, "largest scaling, fraction of the size", low=0, below=1)
+    shear: float = setting(0.1, "largest shear factor (tan of its angle)", low=0, high=1)
+    shift: float = setting(0.1, "largest shift, fraction of the side", low=0, high=0.5)
+    brightness: float = setting(
+        0.2, "largest brightness change, fraction of full scale, added", low=0, high=1
+    )
+    contrast: float = setting(
+        0.2, "largest contrast change: the spread about the mean times 1 ± it", low=0, below=1
+    )
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name), f"--aug-{f.name}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that decides a training run's result."""
@@ -131,17 +191,7 @@ class Config:
         "image, on the device (no mirroring: it turns one sign into another)",
         resume=True,
     )
-    aug_rotate: float = setting(15.0, "largest rotation, degrees", low=0, high=180, resume=True)
-    aug_scale: float = setting(0.1, "largest scaling, fraction", low=0, below=1, resume=True)
-    aug_shear: float = setting(0.1, "largest shear factor", low=0, high=1, resume=True)
-    aug_shift: float = setting(0.1, "largest shift, fraction of the side", low=0, high=0.5,
-                               resume=True)  # fmt: skip
-    aug_brightness: float = setting(
-        0.2, "largest brightness change, fraction of full scale", low=0, high=1, resume=True
-    )
-    aug_contrast: float = setting(
-        0.2, "largest contrast change, fraction", low=0, below=1, resume=True
-    )
+    strengths: Strengths = setting(Strengths(), "how far --augment goes", resume=True)
     ensemble: int = setting(
         1,
         "train N networks from seeds seed..seed+N-1 in one compiled program; evaluate and "
@@ -204,6 +254,8 @@ class Config:
     )
 
     def __post_init__(self):
+        if isinstance(self.strengths, dict):  # as JSON or a Python caller gives it
+            object.__setattr__(self, "strengths", strengths_from(self.strengths))
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.image_size < MIN_IMAGE_SIZE[self.model]:
@@ -233,52 +285,46 @@ def flag(name: str) -> str:
     return given or f"--{name.replace('_', '-')}"
 
 
+def strengths_from(given: dict) -> Strengths:
+    """Strengths from a dict of some of its fields (the rest keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(Strengths)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise UserError(f"unknown augmentation strength {unknown[0]!r}: choose from "
+                        f"{', '.join(sorted(names))}")  # fmt: skip
+    return Strengths(**given)
+
+
 # Settings added after runs were saved without them, with the value those runs used.
 _BEFORE_THEM = {"decoder": "pillow"}
 
 
 def saved_settings(saved: dict) -> dict:
     """A checkpoint's config dict as this version reads it: the settings it lacks take the
-    value that the version which saved it used."""
-    return {**_BEFORE_THEM, **saved}
+    value that the version which saved it used, and the six aug_* fields of runs saved before
+    `strengths` existed become it."""
+    settings = {**_BEFORE_THEM, **saved}
+    flat = {k.removeprefix("aug_"): settings.pop(k) for k in list(settings) if k.startswith("aug_")}
+    if flat:
+        settings["strengths"] = flat
+    return settings
+
+
+def resume_changes(saved: Config, config: Config) -> list[tuple[str, object, object]]:
+    """(option, now, then) for each setting a resumed run must keep and `config` changes."""
+    changes = []
+    for key in RESUME_KEYS:
+        then, now = getattr(saved, key), getattr(config, key)
+        if key == "strengths":
+            pairs = zip(dataclasses.astuple(now), dataclasses.astuple(then))
+            names = (f.name for f in dataclasses.fields(Strengths))
+            changes += [(f"--aug-{k}", a, b) for k, (a, b) in zip(names, pairs) if a != b]
+        elif then != now:
+            changes.append((flag(key), now, then))
+    return changes
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"])
-
-
-def kind(field: dataclasses.Field) -> type:
-    """The field's value type: int for `int | None` and for steps_per_call's `int | str`."""
-    args = typing.get_args(field.type) or (field.type,)
-    return next(t for t in args if t is not type(None))
-
-
-def _check(field: dataclasses.Field, value) -> None:
-    meta, name, want = field.metadata, flag(field.name), kind(field)
-    if value is None and field.default is None or value == field.default == "auto":
-        return
-    if meta["choices"] is not None:
-        if value not in meta["choices"]:
-            options = ", ".join(map(str, meta["choices"]))
-            raise UserError(f"{name} must be one of {options}, not {value!r}")
-    elif want is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, not {value!r}")
-    elif want is str:
-        if not isinstance(value, str) or not value:
-            raise UserError(f"{name} must be a non-empty text, not {value!r}")
-    else:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or not math.isfinite(value) or (want is int and value != int(value)):
-            what = "a whole number" if want is int else "a finite number"
-            raise UserError(f"{name} must be {what}, not {value!r}")
-        for bound, fails, words in (
-            ("low", lambda b: value < b, "at least"),
-            ("high", lambda b: value > b, "at most"),
-            ("above", lambda b: value <= b, "above"),
-            ("below", lambda b: value >= b, "below"),
-        ):
-            if meta[bound] is not None and fails(meta[bound]):
-                raise UserError(f"{name} must be {words} {meta[bound]}, not {value!r}")
 
 
 # What each recipe sets; options given on the command line (or to `with_recipe`) override them.

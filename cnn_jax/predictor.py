@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
-from cnn_jax import parallel
 
 # Smaller batches ran faster than 1000 on a 2-core CPU (cache-sized activations).
 EVAL_BATCH = 256
@@ -45,8 +45,9 @@ def batch_of(order: jax.Array, i: jax.Array, batch_size: int, n: int):
     return idx, weights
 
 
-def compile_fn(fn, mesh, precision: str | None = None, **jit_options):
-    """jax.jit of `fn`, traced under the matmul precision (None: JAX's default).
+def compile_fn(fn, mesh, precision: str | None = None, deterministic=True, **jit_options):
+    """jax.jit of `fn`, traced under the matmul precision (None: JAX's default), compiled with
+    XLA's deterministic GPU ops on or off (backend.compiler_options).
 
     The precision is written into each product when traced, so the gradient's products carry
     it too. On several CPU devices each call is waited for (see below).
@@ -59,8 +60,10 @@ def compile_fn(fn, mesh, precision: str | None = None, **jit_options):
             with jax.default_matmul_precision(precision):
                 return inner(*args)
 
-    compiled = jax.jit(fn, **jit_options)
-    if mesh.size == 1 or mesh.devices.flat[0].platform != "cpu":
+    platform = mesh.devices.flat[0].platform
+    options = backend.compiler_options(platform, deterministic)
+    compiled = jax.jit(fn, compiler_options=options or None, **jit_options)
+    if mesh.size == 1 or platform != "cpu":
         return compiled
     # Several CPU devices share one thread pool: with a few multi-device calls queued,
     # an all-reduce could wait for device threads that never ran, and XLA aborted the

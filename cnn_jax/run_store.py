@@ -9,20 +9,19 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax.config import RESUME_KEYS, Config, flag, saved_settings
+from cnn_jax.config import Config, resume_changes
 from cnn_jax.errors import UserError
 from cnn_jax.run_meta import RunMeta
 
 
 def check_resumable(saved: RunMeta, config: Config, fingerprint: str, workdir: Path) -> None:
-    settings = saved_settings(saved.config)
-    for key in RESUME_KEYS:
-        if settings.get(key) != getattr(config, key):
-            raise UserError(
-                f"{flag(key)} is {getattr(config, key)!r} but the run in "
-                f"{workdir} used {settings.get(key)!r}: use the same setting to resume, "
-                "or --restart / another --workdir to start over"
-            )
+    changes = resume_changes(saved.run_config(), config)
+    if changes:
+        option, now, then = changes[0]
+        raise UserError(
+            f"{option} is {now!r} but the run in {workdir} used {then!r}: use the same setting "
+            "to resume, or --restart / another --workdir to start over"
+        )
     schedule = saved.config.get("schedule", "constant")
     if schedule != "constant" and saved.config.get("epochs") != config.epochs:
         raise UserError(

@@ -99,6 +99,7 @@ class Trainer:
     augment: augment_lib.Strengths | None = None  # None: train on the images as they are
     label_smoothing: float = 0.0
     members: int = 0  # an ensemble's size; 0: one network, no member axis
+    deterministic: bool = True  # XLA's deterministic GPU ops (backend.compiler_options)
 
     @property
     def platform(self) -> str:
@@ -139,7 +140,7 @@ class Trainer:
         return jax.vmap(init)(params, batch_stats) if self.members else init(params, batch_stats)
 
     def _compiled(self, fn, **jit_options):
-        return compile_fn(fn, self.mesh, self.precision, **jit_options)
+        return compile_fn(fn, self.mesh, self.precision, self.deterministic, **jit_options)
 
     @functools.cached_property
     def train_step(self):
@@ -246,16 +247,6 @@ def _initial_weights(config: Config, build, conv: str):
 
 
 def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> Trainer:
-    strengths = None
-    if config.augment:
-        strengths = augment_lib.Strengths(
-            config.aug_rotate,
-            config.aug_scale,
-            config.aug_shear,
-            config.aug_shift,
-            config.aug_brightness,
-            config.aug_contrast,
-        )
     return Trainer(
         graphdef=graphdef,
         tx=tx,
@@ -265,9 +256,10 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
         steps_per_call=per_call,
         infer_graphdef=infer_graphdef,
         precision=backend.matmul_precision(config.precision),
-        augment=strengths,
+        augment=config.strengths if config.augment else None,
         label_smoothing=config.label_smoothing,
         members=config.ensemble if config.ensemble > 1 else 0,
+        deterministic=config.deterministic,
     )
 
 

@@ -19,10 +19,12 @@ from flax import nnx
 from cnn_jax import backend, parallel
 from cnn_jax import callbacks as cb
 from cnn_jax import data as data_lib
-from cnn_jax.callbacks import Interrupted  # noqa: F401  (callers catch it from here)
+from cnn_jax.callbacks import (
+    Interrupted,  # noqa: F401  (callers catch it from here)
+    prior_entropy,
+)
 from cnn_jax.config import Config
 from cnn_jax.errors import UserError
-from cnn_jax.guards import prior_entropy
 from cnn_jax.models import count_params
 from cnn_jax.optim import schedule
 from cnn_jax.predictor import ceil_div, evaluate, padded_order
@@ -127,9 +129,6 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
     """The state and position to start from: the workdir's latest checkpoint or the start;
     opens the run folder's checkpoints and TensorBoard files into `resources`."""
     config, state, position = loop.config, run.state, Position(0, 0)
-    if run.metrics["platform"] == "gpu" and config.deterministic != backend.deterministic_ops():
-        say(f"warning: deterministic GPU ops are {'off' if config.deterministic else 'on'} in "
-            "this process (XLA_FLAGS is read when JAX starts): see cnn_jax.backend")  # fmt: skip
     if workdir is None:
         return state, position
     # The fingerprint hashes every pixel: only runs that checkpoint need it.
@@ -322,6 +321,5 @@ def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
         "devices": trainer.mesh.size,
         "steps_per_call": trainer.steps_per_call,
         "precision": config.precision,
-        # CPU runs repeat bit for bit anyway; on a GPU it takes XLA's deterministic ops.
-        "deterministic": device.platform == "cpu" or backend.deterministic_ops(),
+        "deterministic": backend.repeats(device.platform, trainer.deterministic),
     }

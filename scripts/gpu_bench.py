@@ -5,7 +5,7 @@
 
 Each `cnn_jax.train.fit` run below is the one `cnn-jax train` makes (Model 1 and 2; batch 32,
 256 and 1024; float32 and bfloat16; `--steps-per-call auto` and 1), in two worker processes,
-deterministic ops on and off, because XLA reads that flag when the process starts. Columns:
+deterministic ops on and off (`--no-deterministic`). Columns:
 compile s (first epoch minus a later one), median ms/step (fit's own, first call excluded),
 epoch s (median of epochs 2..), test accuracy after the run's epochs. The headline rows train
 Model 2 at batch 32 for 10 epochs as `cnn-jax train` does by default, plus variants (`--conv
@@ -38,9 +38,6 @@ def _load(data, quick):
 
 def _jax_rows(args, deterministic: bool):
     """Every JAX row of one determinism setting, printed as JSON lines as they finish."""
-    from cnn_jax import backend
-
-    backend.use_deterministic_ops(deterministic)  # before JAX starts
     import jax
 
     from cnn_jax.config import Config
@@ -61,7 +58,7 @@ def _jax_rows(args, deterministic: bool):
     if deterministic:
         runs += [dict(headline, precision="highest")]
     for run in runs:
-        cfg = Config(data=args.data, **run)
+        cfg = Config(data=args.data, deterministic=deterministic, **run)
         t0 = time.perf_counter()
         _, m = fit(cfg, ds, verbose=False)
         seconds = [e["seconds"] for e in m["epochs"]]
@@ -72,7 +69,7 @@ def _jax_rows(args, deterministic: bool):
             "batch": cfg.batch_size,
             "dtype": cfg.dtype,
             "steps_per_call": f"{cfg.steps_per_call}={m['steps_per_call']}",
-            "deterministic": backend.deterministic_ops(),  # the flag; CPU repeats anyway
+            "deterministic": deterministic,  # the option; CPU repeats anyway
             "variant": ", ".join(f"{k} {run[k]}" for k in ("conv", "precision") if k in run),
             "epochs": cfg.epochs,
             "compile_s": seconds[0] - statistics.median(later) if len(seconds) > 1 else None,

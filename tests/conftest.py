@@ -6,9 +6,12 @@ training that does not name --devices uses all of them. Tests ask for CPU device
 `gpu` are about the accelerator and skip, with the reason, where JAX finds none.
 """
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -16,10 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_jax import backend
-
-# As the CLI does, before JAX starts: the in-process GPU tests run with deterministic ops.
-backend.use_deterministic_ops(True)
 # The `cnn-jax` subprocesses of some tests share the GPU with this process: allocate on demand
 # rather than each taking 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -27,6 +26,21 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One XLA compilation cache for the session, shared with the `cnn-jax` subprocesses: a run and its
+# resumed twin, or one configuration in several tests, compile the same program, and loading
+# XLA's executable takes a fraction of compiling it again. The executable is the same, so are the
+# numbers; the folder is new each session and removed at its end.
+_XLA_CACHE = tempfile.mkdtemp(prefix="cnn-jax-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": _XLA_CACHE,
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for _name, _value in _CACHE_SETTINGS.items():
+    jax.config.update(_name, _value)
+    os.environ[_name.upper()] = str(_value)
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "gtsrb"
 

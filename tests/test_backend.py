@@ -1,9 +1,6 @@
-"""Platform choices: the steps-per-call rule, the deterministic-ops flag, matmul precision."""
+"""Platform choices: the steps-per-call rule, deterministic GPU ops, matmul precision."""
 
-import os
-import subprocess
-import sys
-
+import jax
 import pytest
 
 from cnn_jax import backend
@@ -39,32 +36,19 @@ def test_precision_choices():
         backend.matmul_precision("tf32")
 
 
-_FLAGS = """
-import os, sys
-from cnn_jax import backend
-backend.use_deterministic_ops(sys.argv[1] == "on")
-print(os.environ.get("XLA_FLAGS", ""))
-import jax
-jax.numpy.zeros(1).block_until_ready()  # the backend starts with the flag as set
-try:
-    backend.use_deterministic_ops(sys.argv[1] != "on")
-except ValueError as e:
-    print(e)
-"""
-
-
-@pytest.mark.parametrize("setting", ["on", "off"])
-def test_deterministic_ops_are_set_before_jax_starts_and_not_after(setting):
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false " + backend.DETERMINISTIC_FLAG
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", _FLAGS, setting], capture_output=True, text=True, env=env, check=True
-    ).stdout.splitlines()
-    flags = out[0].split()
-    assert "--xla_cpu_enable_fast_math=false" in flags  # the user's other flags stay
-    assert (backend.DETERMINISTIC_FLAG in flags) == (setting == "on")
-    assert "must be chosen before JAX starts" in out[1]
+def test_deterministic_gpu_ops_are_a_compile_option_xla_knows():
+    assert backend.compiler_options("gpu", True) == {backend.DETERMINISTIC_OPTION: True}
+    assert backend.compiler_options("gpu", False) == {backend.DETERMINISTIC_OPTION: False}
+    assert backend.compiler_options("cpu", True) == {}
+    # This XLA knows the option (a GPU program would compile with it), and refuses one it
+    # does not know: a renamed option fails loudly instead of being dropped.
+    add_one = lambda x: x + 1  # noqa: E731
+    for on in (True, False):
+        jax.jit(add_one, compiler_options={backend.DETERMINISTIC_OPTION: on}).lower(1.0).compile()
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(add_one, compiler_options={"xla_gpu_no_such_option": True}).lower(1.0).compile()
+    assert backend.repeats("cpu", False) and backend.repeats("gpu", True)
+    assert not backend.repeats("gpu", False) and not backend.repeats("tpu", True)
 
 
 def test_unknown_platform_is_an_error():

@@ -7,8 +7,8 @@ import pytest
 
 from cnn_jax import callbacks as cb
 from cnn_jax import report, run_store, train
+from cnn_jax.callbacks import Diverged
 from cnn_jax.config import Config as _Config
-from cnn_jax.guards import Diverged
 
 Config = functools.partial(_Config, platform="cpu", devices=1)
 

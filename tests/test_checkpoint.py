@@ -100,6 +100,9 @@ def test_changing_a_setting_on_resume_names_it(small, tmp_path):
         train.fit(Config(model=1, epochs=2, synthetic_per_class=20), small, tmp_path, verbose=False)
     with pytest.raises(ValueError, match="--lr is 0.01 but the run .* used 0.001"):
         train.fit(dataclasses.replace(CFG, learning_rate=0.01), small, tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="--aug-shear is 0.3 but the run .* used 0.1"):
+        train.fit(Config(**{**CFG.__dict__, "strengths": {"shear": 0.3}}), small, tmp_path,
+                  verbose=False)  # fmt: skip
     other = make_synthetic(20, seed=7)
     with pytest.raises(ValueError, match="the data differs"):
         train.fit(CFG, other, tmp_path, verbose=False)

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from cnn_jax.cli import _parser, main
+from cnn_jax.cli import main
+from cnn_jax.cli.options import parser as cli_parser
 
 
 def test_train_on_synthetic_data(tmp_path, capsys):
@@ -122,7 +123,7 @@ def test_a_pack_of_another_image_size_is_refused(cs50_folder, tmp_path, capsys):
 
 
 def test_every_option_of_every_command_says_what_it_does():
-    parser = _parser()
+    parser = cli_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert {"train", "evaluate", "predict", "info", "pack"} <= set(commands)
     for name, sub in commands.items():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, guards, train
+from cnn_jax import callbacks, checkpoint, train
 from cnn_jax.checkpoint import Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config
@@ -40,7 +40,7 @@ def test_a_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, c
     args += ["--save-every", "1", "--platform", "cpu", "--workdir", str(workdir)]
     code = main(args)
     err = capsys.readouterr().err
-    assert code == guards.DIVERGED_EXIT == 3
+    assert code == callbacks.DIVERGED_EXIT == 3
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "the training loss became nan by step 2 (epoch 1, step 2 of 9)" in err
     assert f"the last good checkpoint is step 1 in {workdir / 'checkpoints'}" in err
@@ -52,15 +52,15 @@ def test_a_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, c
 
 
 def test_stuck_reasons():
-    prior = guards.prior_entropy(np.repeat(np.arange(43), 10), 43)
+    prior = callbacks.prior_entropy(np.repeat(np.arange(43), 10), 43)
     assert prior == pytest.approx(np.log(43))
     at_prior = [{"train_loss": prior + 0.01}, {"train_loss": prior - 0.02}]
-    assert "class-prior entropy" in guards.stuck_reason(at_prior, prior)
-    assert guards.stuck_reason(at_prior[:1], prior) is None  # one epoch: a slow start
-    assert guards.stuck_reason([{"train_loss": 3.0}] * 2, prior) is None
+    assert "class-prior entropy" in callbacks.stuck_reason(at_prior, prior)
+    assert callbacks.stuck_reason(at_prior[:1], prior) is None  # one epoch: a slow start
+    assert callbacks.stuck_reason([{"train_loss": 3.0}] * 2, prior) is None
     one_class = np.full(50, 7)
-    assert "predicted as class 7" in guards.stuck_reason([{"train_loss": 1.0}], prior, one_class)
-    assert guards.stuck_reason([{"train_loss": 1.0}], prior, np.arange(50) % 3) is None
+    assert "predicted as class 7" in callbacks.stuck_reason([{"train_loss": 1.0}], prior, one_class)
+    assert callbacks.stuck_reason([{"train_loss": 1.0}], prior, np.arange(50) % 3) is None
 
 
 def test_every_run_folder_gets_tensorboard_scalars(tmp_path):

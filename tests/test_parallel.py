@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from numerics import EPS
 
 from cnn_jax import predictor, steps, train
 from cnn_jax.config import Config as _Config
@@ -97,7 +98,10 @@ def test_evaluation_on_8_devices_counts_every_image(tiny):
     )
     assert ev["n"] == 333 and trainer.predictor.eval_batch % 8 == 0
     assert ev["accuracy"] == ref["accuracy"]
-    assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    # The mean of 333 positive per-image losses summed in another order: within 333·eps of
+    # it (numerics.py); as much again for the per-image losses, whose forward passes XLA may
+    # block differently for another batch size (each layer's rounding is far below that).
+    assert ev["loss"] == pytest.approx(ref["loss"], rel=2 * 333 * EPS)
 
 
 @pytest.mark.parametrize("first, then", [(8, 1), (1, 8)])

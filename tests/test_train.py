@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from numerics import EPS, SAME_FUNCTION
 
 from cnn_jax import predictor, steps, train
 from cnn_jax.config import Config as _Config
@@ -34,8 +35,12 @@ def test_scanned_steps_equal_single_steps_and_trace_once(tiny):
     one, m1 = train.fit(Config(epochs=2, devices=1), tiny, verbose=False)
     many, m7 = train.fit(Config(epochs=2, devices=1, steps_per_call=7), tiny, verbose=False)
     assert predictor.TRACE_COUNTS["train_step"] - before["train_step"] == 2  # once per Trainer
-    for x, y in zip(_leaves(one), _leaves(many)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # The scan's body may fuse differently from the single step; Adam turns rounding in
+    # near-zero gradients into lr-sized moves of those few entries (test_parallel.py), so the
+    # difference is a small part of the update as a whole, not of each entry.
+    start = _leaves(steps.create_trainer(Config(devices=1), 43)[1])
+    for x, y, x0 in zip(_leaves(one), _leaves(many), start):
+        assert np.linalg.norm(x - y) < 1e-2 * np.linalg.norm(x - x0)
     assert m1["test_accuracy"] == pytest.approx(m7["test_accuracy"], abs=1 / m1["n_test"])
 
 
@@ -71,9 +76,10 @@ def test_padded_last_batch_equals_a_plain_smaller_batch(model):
     gradients over 8 rows (3 masked) where the plain one sums over 5, in another order. A sum
     of n float32 terms reordered moves by at most about n * 2**-24 of the sum of the terms'
     sizes; the kernel gradients here sum up to 5 x 30 x 30 = 4,500 terms that mostly cancel,
-    so each array is compared as a share of its largest value: 1e-5 of it (4,500 * 2**-24 is
-    2.7e-4 in the worst case; measured 8.3e-7), where the padded rows leaking into batch norm
-    moved Model 3's update by 0.65 of it (measured without the mask).
+    so each array is compared as a share of its largest value: SAME_FUNCTION (1e-3) of it,
+    above 4,500 * 2**-24 = 2.7e-4, the worst case (measured: 8.3e-7), and far below the 0.65
+    of it by which the padded rows leaking into batch norm moved Model 3's update (measured
+    without the mask).
     """
     cfg = Config(model=model, batch_size=8, devices=1, dropout=0.0)
     trainer, state = steps.create_trainer(cfg, 43)
@@ -97,8 +103,8 @@ def test_padded_last_batch_equals_a_plain_smaller_batch(model):
     plain = small.train_step(state_small, images, labels, plain_order, 5, 0, 0)
     both = [jax.tree.leaves((s.params, s.batch_stats)) for s in (padded, plain)]
     worst = max(_scaled_difference(x, y) for x, y in zip(*both))
-    assert worst < 1e-5
-    np.testing.assert_allclose(padded.metrics, plain.metrics, rtol=1e-5)
+    assert worst < SAME_FUNCTION
+    assert np.asarray(padded.metrics) == pytest.approx(np.asarray(plain.metrics), rel=SAME_FUNCTION)
     assert float(padded.metrics[2]) == 5.0
     if model == 3:  # the running statistics did move: the test is not vacuous
         stats = [jax.tree.leaves(s) for s in (padded.batch_stats, before)]
@@ -137,7 +143,8 @@ def test_evaluate_counts_every_image(tiny):
     ev = predictor.evaluate(trainer.predictor, state.params, images, labels)
     logits = np.asarray(trainer.predictor.apply(state.params, trainer.place(images)))
     assert ev["n"] == n
-    assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)
+    # A ratio of two exact counts, in float32: within eps of the float64 one.
+    assert ev["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), rel=EPS)
 
 
 def test_more_classes_in_data_than_configured_is_an_error(tiny):
@@ -174,5 +181,8 @@ def test_one_step_from_seed_0_golden_values(tiny):
     state = trainer.train_step(state, images, labels, order, 32, 0, 0)
     loss_sum, _, count = np.asarray(state.metrics)
     checksum = sum(float(np.abs(np.asarray(p, np.float64)).sum()) for p in _leaves(state))
+    # Not derived from float32's bounds, which are far looser than a seed change (numerics.py):
+    # from this CPU (AVX-512), and held on CI's machines; the loss at initialisation is near
+    # ln 43 for any seed, so only a tight tolerance sees a change in what a seed trains.
     assert loss_sum / count == pytest.approx(3.7818198, rel=1e-5)
     assert checksum == pytest.approx(8681.1442, rel=1e-6)

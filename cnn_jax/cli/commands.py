@@ -1,0 +1,140 @@
+"""The commands that read a checkpoint or a data folder: evaluate, predict, report, pack, info."""
+
+import sys
+import time
+from pathlib import Path
+
+from cnn_jax import data as data_lib
+from cnn_jax.errors import UserError
+from cnn_jax.report import strict_json, test_line
+
+
+def evaluate(args) -> int:
+    from cnn_jax.inference import evaluate_checkpoint, load_checkpoint
+
+    result = evaluate_checkpoint(
+        load_checkpoint(args.checkpoint, args.platform), args.data, args.layout, args.cache_dir
+    )
+    if args.json:
+        print(strict_json(result))
+        return 0
+    print(f"checkpoint: {result['checkpoint']}")
+    print(
+        f"data: {result['data']} ({result['n']:,} images, {len(result['skipped_files'])} skipped)"
+    )
+    print(f"{'class':>5}  {'images':>6}  {'accuracy':>8}  sign")
+    for row in result["per_class"]:
+        print(f"{row['class']:>5}  {row['n']:>6}  {row['accuracy']:>8.4f}  {row['name']}")
+    for m, acc in enumerate(result.get("member_accuracy", [])):
+        print(f"ensemble member {m}: accuracy {acc:.4f}")
+    print(test_line(result["loss"], result["accuracy"]))
+    return 0
+
+
+def predict(args) -> int:
+    from cnn_jax.inference import load_checkpoint, predict_files
+
+    restored = load_checkpoint(args.checkpoint, args.platform)
+    results = predict_files(restored, args.images, args.top_k)
+    failed = 0
+    for path, top, members in results:
+        if isinstance(top, str):
+            failed += 1
+            print(f"cnn-jax predict: error: {top}", file=sys.stderr)
+        elif not args.json:
+            print(path)
+            for rank, (c, name, p) in enumerate(top, start=1):
+                print(f"  {rank}. {p:7.2%}  {name} (class {c})")
+            for m, (c, name, p) in enumerate(members or []):
+                print(f"     member {m}: {p:7.2%}  {name} (class {c})")
+    if args.json:
+        rows = [
+            {"path": path, "error": top}
+            if isinstance(top, str)
+            else {
+                "path": path,
+                "top": [{"class": c, "name": n, "probability": p} for c, n, p in top],
+                **(
+                    {"members": [{"class": c, "name": n, "probability": p} for c, n, p in members]}
+                    if members
+                    else {}
+                ),  # fmt: skip
+            }
+            for path, top, members in results
+        ]
+        print(strict_json(rows))
+    return 2 if failed else 0
+
+
+def report(args) -> int:
+    from cnn_jax import html_report
+
+    html_report._pyplot()  # a missing extra is named before anything loads
+    for folder in [args.run_dir, *args.compare]:
+        if not (Path(folder) / "metrics.json").is_file():
+            raise UserError(f"{folder} holds no metrics.json: give the folder of a finished run")
+    from cnn_jax.inference import load_checkpoint, probabilities_on
+
+    run = Path(args.run_dir)
+    tested = probabilities_on(
+        load_checkpoint(run, args.platform), args.data, args.layout, args.cache_dir
+    )
+    out = html_report.write_report(run, Path(args.out or run / "report.html"),
+                                   [Path(c) for c in args.compare], tested)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def pack(args) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"{out} must end in .npz (train and evaluate tell packs by it)")
+    if out.exists():
+        raise UserError(f"{out} exists: not overwriting it")
+    t0 = time.perf_counter()
+    ds = data_lib.load_folder(
+        args.data, layout=args.layout, image_size=args.image_size, use_cache=False,
+        decoder=args.decoder,
+    )  # fmt: skip
+    data_lib.write_npz(out, ds, compress=True)
+    print(
+        f"packed {len(ds.labels):,} images of {ds.num_classes} classes "
+        f"({args.image_size}x{args.image_size}) from {Path(args.data).resolve()} into {out} "
+        f"({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s; "
+        f"skipped {len(ds.skipped)} unreadable files"
+    )
+    for path, reason in ds.skipped[:10]:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def info(args) -> int:
+    from cnn_jax.checkpoint import params_digest
+    from cnn_jax.inference import load_checkpoint
+
+    r = load_checkpoint(args.checkpoint)
+    info = {
+        "checkpoint": str(r.directory),
+        "model": r.config.model,
+        "params": r.param_count(),
+        "step": r.step,
+        "epoch": r.meta.epoch,
+        "step_in_epoch": r.meta.step_in_epoch,
+        "test_accuracy": (r.meta.epochs or [{}])[-1].get("test_accuracy"),
+        "val_accuracy": r.meta.val_accuracy,
+        "params_sha256": params_digest(r.params),
+        "config": r.meta.config,
+        "epochs": r.meta.epochs,
+    }
+    if args.json:
+        print(strict_json(info))
+        return 0
+    for key in ("checkpoint", "model", "params", "step", "epoch", "step_in_epoch"):
+        print(f"{key}: {info[key]}")
+    acc = info["test_accuracy"]
+    print(f"test_accuracy: {'-' if acc is None else f'{acc:.4f}'}")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    for n, e in enumerate(info["epochs"], start=1):
+        print(f"epoch {n}: loss {e['train_loss']:.4f} - accuracy {e['train_accuracy']:.4f}")
+    print(f"params_sha256: {info['params_sha256']}")
+    return 0

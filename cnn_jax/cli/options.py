@@ -1,0 +1,170 @@
+"""The command line: every command's options, those of `train` built from Config's fields."""
+
+import argparse
+import dataclasses
+import importlib.metadata
+
+from cnn_jax import backend
+from cnn_jax import config as config_lib
+from cnn_jax.config import Config
+
+AUG = "aug_"  # the prefix of the strengths' options and argparse names
+
+
+def _steps_per_call(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1, not {text!r}")
+    return value
+
+
+def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, prefix="") -> None:
+    """The option for one Config field, from its metadata (help, choices, flag name); one per
+    strength for `strengths` (--aug-rotate, ...).
+
+    An option left out is absent from the parsed arguments (argparse.SUPPRESS), so that a
+    --recipe can tell the options a user gave, which win, from those it may set.
+    """
+    meta, default = field.metadata, field.default
+    unset = argparse.SUPPRESS
+    if meta["flag"] == "":  # the positional data argument
+        parser.add_argument(field.name, nargs="?", default=unset, help=meta["help"])
+        return
+    if field.name == "strengths":
+        for strength in dataclasses.fields(config_lib.Strengths):
+            _add_option(parser, strength, prefix=AUG)
+        return
+    name = f"--{prefix}{field.name}".replace("_", "-") if prefix else config_lib.flag(field.name)
+    help = (
+        meta["help"] if default in (None, False, True) else f"{meta['help']} (default: {default})"
+    )
+    dest = prefix + field.name
+    if default is True:
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(name, dest=dest, action=action, default=unset, help=help)
+    elif default is False:
+        parser.add_argument(name, dest=dest, action="store_true", default=unset, help=help)
+    else:
+        kind = _steps_per_call if field.name == "steps_per_call" else config_lib.kind(field)
+        parser.add_argument(
+            name,
+            dest=dest,
+            type=kind,
+            choices=meta["choices"],
+            default=unset,
+            metavar=None if meta["choices"] else name.lstrip("-").replace("-", "_").upper(),
+            help=help,
+        )
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends each option's help with its default, except flags and options whose help already
+    says what leaving them out does."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="cnn-jax", description="The GTSRB traffic-sign CNNs of the Keras tutorial, in JAX."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        # Every option's help line ends with its default.
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpWithDefaults)
+
+    _train_options(command("train", "train Model 1, 2 or 3 on a GTSRB folder, a packed .npz or "
+                                    "synthetic signs"))  # fmt: skip
+    _checkpoint_commands(command)
+    report = "one self-contained HTML page of a run: curves, per-class accuracy, confusion "
+    _report_options(command("report", report + "matrix, the worst mistakes, config and timings"))
+    _pack_options(command("pack", "decode a data folder into one compressed .npz for train and "
+                          "evaluate"))  # fmt: skip
+    # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
+    # never imports them; they register through this entry-point group.
+    for entry in importlib.metadata.entry_points(group="cnn_jax.commands"):
+        entry.load()(sub)
+    return p
+
+
+def _train_options(t: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(Config):
+        _add_option(t, field)
+    t.add_argument("--workdir", help="run folder; none: runs/model<N>-<time>")
+    t.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
+    t.add_argument("--no-cache", action="store_true", help="decode every image afresh")
+    t.add_argument("--quiet", action="store_true", help="only the closing test line")
+    t.add_argument("--restart", action="store_true", help="delete the workdir's checkpoints first")
+    t.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="resume from the newest intact checkpoint when newer ones are damaged",
+    )
+    t.add_argument("--save-every", type=int, help="also save a checkpoint every N steps")
+    t.add_argument("--log-every", type=int, default=100, help="TensorBoard scalars every N steps")
+
+
+def _checkpoint_commands(command) -> None:
+    """evaluate, predict and info: the commands that read a checkpoint."""
+
+    def reads_checkpoint(name, help, computes=True):
+        p = command(name, help)
+        p.add_argument("checkpoint", help="a run folder (its best checkpoint) or a step's folder")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if computes:
+            p.add_argument(
+                "--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's default"
+            )
+        return p
+
+    e = reads_checkpoint("evaluate", "loss and accuracy (overall and per class) of a checkpoint")
+    e.add_argument("data", nargs="?", help="data folder or packed .npz; none: the run's test split")
+    e.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
+    e.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
+    pr = reads_checkpoint("predict", "classify image files with a checkpoint")
+    pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
+    pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
+    reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
+
+
+def _report_options(rp: argparse.ArgumentParser) -> None:
+    rp.add_argument("run_dir", metavar="RUN", help="a finished run's folder")
+    rp.add_argument("data", nargs="?", help="data folder or .npz to test on; none: the test split")
+    rp.add_argument("--out", help="the .html file to write; none: RUN/report.html")
+    rp.add_argument("--compare", nargs="+", default=[], metavar="RUN2",
+                    help="other runs whose curves share the axes")  # fmt: skip
+    rp.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
+    rp.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
+    rp.add_argument("--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's")
+
+
+def _pack_options(pk: argparse.ArgumentParser) -> None:
+    pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
+    pk.add_argument("out", help="the .npz file to write")
+    pk.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
+    pk.add_argument("--image-size", type=int, default=Config().image_size, help="resize to N x N")
+    pk.add_argument("--decoder", choices=config_lib.DECODERS, default=Config().decoder,
+                    help="opencv: the tutorial's pixels; pillow: smoothing")  # fmt: skip
+
+
+def given_settings(args) -> dict:
+    """The Config settings a user gave on the command line (the strengths as one dict)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name in args}
+    strengths = {k.removeprefix(AUG): v for k, v in vars(args).items() if k.startswith(AUG)}
+    return {**given, "strengths": strengths} if strengths else given

@@ -1,0 +1,114 @@
+"""`cnn-jax train`: the data loaded, `fit` run, and Ctrl-C or SIGTERM turned into a checkpoint."""
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cnn_jax import backend, signals
+from cnn_jax import config as config_lib
+from cnn_jax import data as data_lib
+from cnn_jax.cli.options import given_settings
+from cnn_jax.config import Config
+from cnn_jax.data import load_configured
+from cnn_jax.errors import UserError
+from cnn_jax.report import test_line
+
+
+def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> data_lib.Dataset:
+    """The configured data folder, or the built-in synthetic signs when there is none."""
+    t0 = time.perf_counter()
+    ds = load_configured(cfg, cache_dir, use_cache)
+    source = cfg.data or "built-in synthetic signs"
+    if verbose:
+        print(
+            f"loaded {len(ds.labels):,} images of {ds.num_classes} classes from {source} "
+            f"in {time.perf_counter() - t0:.2f}s; skipped {len(ds.skipped)} unreadable files"
+        )
+        for path, reason in ds.skipped[:10]:
+            print(f"  skipped {path}: {reason}")
+        if len(ds.skipped) > 10:
+            print(f"  ... and {len(ds.skipped) - 10} more (all listed in metrics.json)")
+    return ds
+
+
+def command(args) -> int:
+    with signals.ending_at_once():  # nothing is open or written yet
+        from cnn_jax.callbacks import DIVERGED_EXIT, Diverged
+        from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
+
+    given = given_settings(args)
+    if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
+        given["data"] = str(Path(given["data"]).resolve())
+    cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
+    verbose = not args.quiet
+    # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {cfg.epochs}")
+    for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, not {value}")
+    backend.devices(cfg.platform)  # a missing GPU is named before the data loads
+    signals.check()
+    ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
+    signals.check()  # nothing trains after a signal that came while loading
+    workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _StopOnSignal() as stop:
+        try:
+            _, metrics = fit(
+                cfg,
+                ds,
+                workdir,
+                verbose=verbose,
+                restart=args.restart,
+                resume_fallback=args.resume_fallback,
+                save_every=args.save_every,
+                should_stop=stop,
+                log_every=args.log_every,
+            )
+        except Diverged as e:
+            print(f"cnn-jax train: error: {e}", file=sys.stderr)
+            return DIVERGED_EXIT
+        except Interrupted as e:
+            print(f"cnn-jax train: interrupted: {e}", file=sys.stderr)
+            print(f"to resume: cnn-jax train ... --workdir {workdir}", file=sys.stderr)
+            return 128 + stop.signum
+    if verbose:
+        n_train, n_test, ms = metrics["n_train"], metrics["n_test"], metrics["median_step_ms"] or 0
+        print(
+            f"model {cfg.model}: {metrics['params']:,} parameters, {n_train:,} train / "
+            f"{n_test:,} test images, median {ms:.2f} ms/step"
+        )
+        print(f"run folder: {workdir.resolve()}")
+    print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
+    return 0
+
+
+class _StopOnSignal:
+    """Turns the first Ctrl-C or SIGTERM into a request that training polls after each call.
+
+    Raising inside a step would lose the state that step had donated; a second Ctrl-C still
+    raises KeyboardInterrupt at once. A signal that came before training started, and whose
+    exception was lost (Python drops one raised inside a garbage-collection callback), is a
+    request too: no signal is ignored.
+    """
+
+    def __init__(self):
+        self.signum = signals.RECEIVED[-1] if signals.RECEIVED else None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        signals.RECEIVED.append(signum)
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
