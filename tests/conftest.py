@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 jax.config.update("jax_num_cpu_devices", 8)
 
-# One XLA compilation cache for the session, shared with the `cnn-jax` subprocesses: a run and its
-# resumed twin, or one configuration in several tests, compile the same program, and loading
-# XLA's executable takes a fraction of compiling it again. The executable is the same, so are the
-# numbers; the folder is new each session and removed at its end.
-_XLA_CACHE = tempfile.mkdtemp(prefix="cnn-jax-tests-xla-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# One XLA compilation cache for the session, shared with pytest-xdist's workers and the `cnn-jax`
+# subprocesses: a run and its resumed twin, or one configuration in several tests, compile the
+# same program, and loading XLA's executable takes a fraction of compiling it again. The
+# executable is the same, so are the numbers; the folder is new each session, made by the first
+# process (the workers inherit its name) and removed by it at the end.
+_XLA_CACHE = os.environ.get("CNN_JAX_TESTS_XLA_CACHE")
+if _XLA_CACHE is None:
+    _XLA_CACHE = os.environ["CNN_JAX_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="cnn-jax-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 _CACHE_SETTINGS = {
     "jax_compilation_cache_dir": _XLA_CACHE,
     "jax_persistent_cache_min_compile_time_secs": 0,
