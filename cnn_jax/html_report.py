@@ -10,6 +10,7 @@ import html
 import importlib.metadata
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,23 @@ from cnn_jax.data.signs import sign_name
 from cnn_jax.errors import UserError
 
 SECTIONS = ("curves", "per-class", "confusion", "mistakes", "run")
+# What marks a page as a report of ours, so that writing one replaces only an earlier report
+# (earlier versions' reports: by their title).
+GENERATOR = '<meta name="generator" content="cnn-jax report">'
+_MARKS = (GENERATOR.encode(), b"<title>cnn-jax run ")
+
+
+def check_out(out: Path) -> None:
+    """Refuses an --out that exists and is not a report written by cnn-jax (a run's
+    metrics.json, say): a report replaces only an earlier report."""
+    if not out.exists() and not out.is_symlink():
+        return
+    head = b""
+    if out.is_file():
+        with open(out, "rb") as f:
+            head = f.read(4096)
+    if not any(mark in head for mark in _MARKS):
+        raise UserError(f"{out} exists and is not a cnn-jax report: not overwriting it")
 
 
 def _pyplot():
@@ -189,12 +207,16 @@ def write_report(run: Path, out: Path, compare: list[Path], tested) -> Path:
     )
     title = f"cnn-jax run {run.resolve().name}: model {config['model']}"
     page = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'>{GENERATOR}"
+        f"<title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
         "th{text-align:left;padding-right:1em}td,th{font-size:13px}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(tested.source)}: accuracy "
         f"{accuracy:.4f} on {len(tested.labels):,} images (checkpoint {tested.checkpoint})</p>"
         f"{body}</body></html>"
     )
-    out.write_text(page)
+    check_out(out)  # again: the page took a while, and a file may have appeared meanwhile
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(page)
+    os.replace(partial, out)  # all or nothing: a full disk leaves the earlier report whole
     return out

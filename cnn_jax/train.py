@@ -131,6 +131,7 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
     config, state, position = loop.config, run.state, Position(0, 0)
     if workdir is None:
         return state, position
+    _outside_data(workdir, config.data)
     # The fingerprint hashes every pixel: only runs that checkpoint need it.
     store = RunStore(workdir, config, run.metrics["num_classes"], data_fingerprint(dataset),
                      run.steps_per_epoch)  # fmt: skip
@@ -144,6 +145,19 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
     config.write(store.workdir / "config.json")
     loop.scalars = resources.enter_context(contextlib.closing(Scalars(store.workdir)))
     return state, position
+
+
+def _outside_data(workdir, data: str | None) -> None:
+    """The data folder is only ever read: a run folder inside it would be read as one more
+    class folder the next time, and the data could no longer load."""
+    if not data or not Path(data).is_dir():
+        return
+    folder, work = Path(data).resolve(), Path(workdir).resolve()
+    if work == folder or folder in work.parents:
+        raise UserError(
+            f"--workdir {workdir} is inside the data folder {data}, which cnn-jax only reads "
+            "(a folder there would load as a class next time): choose a run folder outside it"
+        )
 
 
 def _check_epochs_left(done: Position, config: Config, workdir: Path) -> None:

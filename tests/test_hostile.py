@@ -219,6 +219,14 @@ def test_a_checkpoint_of_another_architecture_is_named_so_and_never_set_aside(ru
     assert _tree(run) == before and not (run / "checkpoints-set-aside").exists()
 
 
+@pytest.mark.parametrize("inside", ["runs", "0/runs", "."])
+def test_a_run_folder_inside_the_data_folder_is_refused(cs50_folder, capsys, inside):
+    before = _tree(cs50_folder)
+    args = _train(cs50_folder, "--batch-size", "4", "--devices", "1", workdir=cs50_folder / inside)
+    _fails(capsys, args, "is inside the data folder")
+    assert _tree(cs50_folder) == before  # nothing written there, not even an empty folder
+
+
 def test_evaluate_refuses_a_run_whose_data_changed(tmp_path, cs50_folder, capsys):
     workdir = tmp_path / "run"
     assert (

@@ -59,6 +59,8 @@ def test_report_has_every_section_and_every_image_decodes(tmp_path, capsys):
     for words in ("version of jax", "version of orbax-checkpoint", "median step", "cpu"):
         assert words in text
     assert "the test split of the synthetic signs: accuracy" in text
+    assert main(args) == 0  # a report replaces its own earlier page
+    assert out.read_text().startswith("<!DOCTYPE html>") and not list(tmp_path.glob(".*partial"))
 
 
 def test_report_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
@@ -66,6 +68,20 @@ def test_report_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'cnn-jax[report]'" in err
+
+
+def test_report_never_overwrites_what_is_not_a_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"epochs": []}')
+    (run / "config.json").write_text("{}")
+    (tmp_path / "notes.html").write_text("<html>my notes</html>")
+    for out in (run / "metrics.json", run / "config.json", tmp_path / "notes.html", run):
+        before = out.read_bytes() if out.is_file() else None
+        assert main(["report", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a cnn-jax report: not overwriting it" in err
+        assert (out.read_bytes() if out.is_file() else None) == before
 
 
 def test_report_of_an_unfinished_run_is_one_line(tmp_path, capsys):

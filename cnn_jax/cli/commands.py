@@ -73,14 +73,15 @@ def report(args) -> int:
     for folder in [args.run_dir, *args.compare]:
         if not (Path(folder) / "metrics.json").is_file():
             raise UserError(f"{folder} holds no metrics.json: give the folder of a finished run")
+    run = Path(args.run_dir)
+    out = Path(args.out or run / "report.html")
+    html_report.check_out(out)  # before the checkpoint and the data load
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
-    run = Path(args.run_dir)
     tested = probabilities_on(
         load_checkpoint(run, args.platform), args.data, args.layout, args.cache_dir
     )
-    out = html_report.write_report(run, Path(args.out or run / "report.html"),
-                                   [Path(c) for c in args.compare], tested)  # fmt: skip
+    out = html_report.write_report(run, out, [Path(c) for c in args.compare], tested)
     print(f"wrote {out}")
     return 0
 
