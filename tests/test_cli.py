@@ -98,6 +98,8 @@ def test_pack_then_train_and_evaluate_from_the_file(cs50_folder, tmp_path, capsy
     "arrays, message",
     [
         (dict(labels=np.zeros(3, np.int32)), "labels are not one integer per image"),
+        (dict(labels=np.array([0, 1, 2, 2**31 - 1])), "labels go up to 2147483647, above 9999"),
+        (dict(labels=np.array([0, 1, 2, 2**32 + 2])), "labels go up to 4294967298, above 9999"),
         (dict(images=np.zeros((4, 30, 30, 3), np.float32)), "images are not"),
         (dict(paths=np.arange(4)), "paths are not"),
     ],

@@ -219,6 +219,23 @@ def test_a_checkpoint_of_another_architecture_is_named_so_and_never_set_aside(ru
     assert _tree(run) == before and not (run / "checkpoints-set-aside").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "pack", "info", "evaluate"])
+def test_a_symlink_loop_as_the_path_is_one_line(tmp_path, capsys, command):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    extra = {"train": ["--epochs", "1"], "pack": [str(tmp_path / "x.npz")]}.get(command, [])
+    err = _fails(capsys, [command, str(tmp_path / "a"), *extra], "error: ")
+    assert "Symlink loop" in err or "Too many levels of symbolic links" in err, err  # 3.13+
+
+
+@pytest.mark.parametrize("size", ["0", "-4", "3", "60000"])
+def test_pack_refuses_an_image_size_no_model_trains_on(cs50_folder, tmp_path, capsys, size):
+    out = tmp_path / "x.npz"
+    _fails(capsys, ["pack", str(cs50_folder), str(out), "--image-size", size],
+           f"--image-size must be 4 to 1024, not {size}")  # fmt: skip
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("inside", ["runs", "0/runs", "."])
 def test_a_run_folder_inside_the_data_folder_is_refused(cs50_folder, capsys, inside):
     before = _tree(cs50_folder)

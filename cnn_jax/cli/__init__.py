@@ -76,6 +76,12 @@ def _run(args) -> int:
         # The system refused a named file (missing, no permission, disk full): bad input.
         print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # Path.resolve's word for a symlink loop before Python 3.13 (an OSError from then on)
+        if not str(e).startswith("Symlink loop from "):
+            return _bug(args.command)
+        print(f"cnn-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except Exception:
         return _bug(args.command)
     except KeyboardInterrupt as e:

@@ -12,7 +12,7 @@ import numpy as np
 
 from cnn_jax.data.dataset import DataError, Dataset, describe_error
 from cnn_jax.data.decode import decode_files
-from cnn_jax.data.layouts import detect_layout, list_files
+from cnn_jax.data.layouts import MAX_CLASS_ID, detect_layout, list_files
 
 # Bump when decoding changes, so old caches are not reused (2: OpenCV decodes by default).
 _CACHE_VERSION = 2
@@ -50,6 +50,9 @@ def read_npz(path: Path | str) -> Dataset:
         or images.shape[1] != images.shape[2]
         else "labels are not one integer per image"
         if labels.dtype.kind not in "iu" or n != len(images) or (n and labels.min() < 0)
+        # as for a folder's class ids; larger ones would wrap in int32 or size arrays by them
+        else f"labels go up to {labels.max()}, above {MAX_CLASS_ID}"
+        if n and labels.max() > MAX_CLASS_ID
         else "paths are not one string per image"
         if paths.dtype.kind != "U" or paths.shape != (n,)
         else "skipped files and reasons do not pair up"
