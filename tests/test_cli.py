@@ -1,9 +1,11 @@
 """The `cnn-jax` command: a whole run on synthetic data, and one-line errors with exit code 2."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -116,6 +118,25 @@ def test_a_broken_pack_is_one_line_and_exit_2(tmp_path, arrays, message):
     r = _run("train", "bad.npz", "--platform", "cpu", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
+def test_a_pack_whose_header_claims_a_billion_images_is_one_line(tmp_path, capsys):
+    """1 KB of pixels under a header of 10^9 images: NumPy asks for 2.5 TB before reading."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 30, 30, 3)}
+    )
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as z:
+        z.writestr("images.npy", header.getvalue() + bytes(1024))
+        for name, array in dict(labels=np.arange(4), paths=np.array(["0/a.ppm"] * 4),
+                                skipped_paths=np.array([], str),
+                                skipped_reasons=np.array([], str)).items():  # fmt: skip
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            z.writestr(f"{name}.npy", buffer.getvalue())
+    assert main(["train", str(tmp_path / "big.npz"), "--platform", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "need more memory than this machine has" in err, err
 
 
 def test_a_pack_of_another_image_size_is_refused(cs50_folder, tmp_path, capsys):

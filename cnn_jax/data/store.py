@@ -43,6 +43,9 @@ def read_npz(path: Path | str) -> Dataset:
         # NumPy's own message for a non-archive suggests loading it as a pickle: never.
         why = "not a .npz of plain arrays" if "pickle" in str(e) else describe_error(e, path)
         raise DataError(f"cannot read {path} as a cnn-jax .npz: {why}") from None
+    except MemoryError:  # NumPy sizes an array by its header before reading a byte of it
+        why = "its arrays need more memory than this machine has (a damaged header, or too big)"
+        raise DataError(f"cannot read {path}: {why}") from None
     n = len(labels) if labels.ndim == 1 else -1
     problem = (
         "images are not (N, size, size, 3) uint8"
