@@ -29,6 +29,13 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 MAX_SEED = 2**31 - 1
 # The smallest input side that leaves each model's last block at least one pixel.
 MIN_IMAGE_SIZE = {1: 4, 2: 10, 3: 8}
+MAX_IMAGE_SIZE = 1024
+# A strength's option is --aug-<name>; runs saved before `strengths` had aug_<name> fields.
+STRENGTH_PREFIX = "aug_"
+
+
+def strength_flag(name: str) -> str:
+    return "--" + (STRENGTH_PREFIX + name).replace("_", "-")
 
 
 def setting(default, help, *, choices=None, low=None, high=None, above=None, below=None,
@@ -98,7 +105,7 @@ class Strengths:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name), f"--aug-{f.name}")
+            _check(f, getattr(self, f.name), strength_flag(f.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +141,9 @@ class Config:
         choices=DECODERS,
         resume=True,
     )
-    image_size: int = setting(30, "resize to N x N (tutorial: 30)", low=1, high=1024, resume=True)
+    image_size: int = setting(
+        30, "resize to N x N (tutorial: 30)", low=1, high=MAX_IMAGE_SIZE, resume=True
+    )
     num_classes: int | None = setting(
         None, "output classes; none: the data's (43 for GTSRB)", low=1, resume=True
     )
@@ -304,7 +313,8 @@ def saved_settings(saved: dict) -> dict:
     value that the version which saved it used, and the six aug_* fields of runs saved before
     `strengths` existed become it."""
     settings = {**_BEFORE_THEM, **saved}
-    flat = {k.removeprefix("aug_"): settings.pop(k) for k in list(settings) if k.startswith("aug_")}
+    old = [k for k in settings if k.startswith(STRENGTH_PREFIX)]
+    flat = {k.removeprefix(STRENGTH_PREFIX): settings.pop(k) for k in old}
     if flat:
         settings["strengths"] = flat
     return settings
@@ -318,7 +328,7 @@ def resume_changes(saved: Config, config: Config) -> list[tuple[str, object, obj
         if key == "strengths":
             pairs = zip(dataclasses.astuple(now), dataclasses.astuple(then))
             names = (f.name for f in dataclasses.fields(Strengths))
-            changes += [(f"--aug-{k}", a, b) for k, (a, b) in zip(names, pairs) if a != b]
+            changes += [(strength_flag(k), a, b) for k, (a, b) in zip(names, pairs) if a != b]
         elif then != now:
             changes.append((flag(key), now, then))
     return changes

@@ -35,6 +35,13 @@ def assert_within(a, b, limit, what: str = "") -> None:
     assert (diff <= limit).all(), f"{what}: |difference| {diff[worst]:.3g} > {limit[worst]:.3g}"
 
 
+def relative(a, b, scale=None) -> float:
+    """Normwise |a - b| / |scale| (|b| without one): where rounding moves a few entries a lot
+    (Adam's near-zero gradients), the norm of the difference stays a small part of the whole."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b if scale is None else scale))
+
+
 def assert_same_function(a, b, what: str = "") -> None:
     """a and b: one function of the same inputs, computed two ways through many layers."""
     size = float(np.sqrt(np.mean(np.square(np.asarray(b, np.float64)))))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import start_cli
-from numerics import assert_same_function, assert_within, bound
+from numerics import assert_same_function, assert_within, bound, relative
 
 from cnn_jax import backend, checkpoint, ops, parallel, steps, train
 from cnn_jax.config import Config
@@ -31,10 +31,6 @@ SMALL = dict(synthetic_per_class=20, devices=1)
 @pytest.fixture(scope="module")
 def small():
     return make_synthetic(SMALL["synthetic_per_class"])
-
-
-def _relative(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def test_convolutions_at_highest_precision_agree_to_float32():
@@ -85,7 +81,7 @@ def test_a_highest_precision_step_on_the_accelerator_matches_the_cpu():
     cpu_probs, cpu_grads = _one_sgd_step("cpu", "highest")
     assert_same_function(np.log(probs), np.log(cpu_probs), "log-probabilities")  # numerics.py
     for g, ref in zip(grads, cpu_grads, strict=True):
-        assert _relative(g, ref) < 1e-4
+        assert relative(g, ref) < 1e-4
     default_probs, _ = _one_sgd_step(None, "default")
     gap = np.abs(np.log(default_probs) - np.log(cpu_probs)).max()
     print(f"max |log p| difference at the default precision: {gap:.2e}")  # for -s runs

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from numerics import EPS
+from numerics import EPS, relative
 
 from cnn_jax import predictor, steps, train
 from cnn_jax.config import Config as _Config
@@ -35,11 +35,6 @@ def _steps(tiny, devices, count, dropout, tx=None):
     return before, [np.asarray(p) for p in jax.tree.leaves(state.params)], state
 
 
-def _relative(a, b, scale):
-    """Normwise |a - b| / |scale|: rounding moves a few entries, not the norm."""
-    return float(np.linalg.norm(a - b) / np.linalg.norm(scale))
-
-
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
 def test_8_devices_compute_the_gradient_of_1_device(tiny, dropout):
     """One SGD step with learning rate 1 moves the parameters by minus the gradient.
@@ -52,7 +47,7 @@ def test_8_devices_compute_the_gradient_of_1_device(tiny, dropout):
     p0, one, _ = _steps(tiny, 1, 1, dropout, optax.sgd(1.0))
     _, eight, _ = _steps(tiny, 8, 1, dropout, optax.sgd(1.0))
     for start, a, b in zip(p0, one, eight, strict=True):
-        assert _relative(start - a, start - b, start - a) < 1e-4
+        assert relative(start - a, start - b, start - a) < 1e-4
 
 
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
@@ -67,7 +62,7 @@ def test_8_devices_train_like_1_device_over_several_steps(tiny, dropout):
     p0, one, s1 = _steps(tiny, 1, 5, dropout)
     _, eight, s8 = _steps(tiny, 8, 5, dropout)
     for start, a, b in zip(p0, one, eight, strict=True):
-        assert _relative(a, b, a - start) < 1e-2
+        assert relative(a, b, a - start) < 1e-2
     np.testing.assert_allclose(s1.metrics, s8.metrics, rtol=1e-4)
 
 

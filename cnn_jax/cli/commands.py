@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from cnn_jax import data as data_lib
-from cnn_jax.config import MIN_IMAGE_SIZE, Config
+from cnn_jax.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from cnn_jax.errors import UserError
 from cnn_jax.report import strict_json, test_line
 
@@ -94,12 +94,9 @@ def pack(args) -> int:
     if out.exists():
         raise UserError(f"{out} exists: not overwriting it")
     # What some model can train on: the smallest any model takes, the largest train accepts.
-    low, high = (
-        min(MIN_IMAGE_SIZE.values()),
-        Config.__dataclass_fields__["image_size"].metadata["high"],
-    )
-    if not low <= args.image_size <= high:
-        raise UserError(f"--image-size must be {low} to {high}, not {args.image_size}")
+    low = min(MIN_IMAGE_SIZE.values())
+    if not low <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be {low} to {MAX_IMAGE_SIZE}, not {args.image_size}")
     t0 = time.perf_counter()
     ds = data_lib.load_folder(
         args.data, layout=args.layout, image_size=args.image_size, use_cache=False,

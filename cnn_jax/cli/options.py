@@ -8,8 +8,6 @@ from cnn_jax import backend
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config
 
-AUG = "aug_"  # the prefix of the strengths' options and argparse names
-
 
 def _steps_per_call(text: str) -> int | str:
     if text == "auto":
@@ -37,9 +35,9 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, prefi
         return
     if field.name == "strengths":
         for strength in dataclasses.fields(config_lib.Strengths):
-            _add_option(parser, strength, prefix=AUG)
+            _add_option(parser, strength, prefix=config_lib.STRENGTH_PREFIX)
         return
-    name = f"--{prefix}{field.name}".replace("_", "-") if prefix else config_lib.flag(field.name)
+    name = config_lib.strength_flag(field.name) if prefix else config_lib.flag(field.name)
     help = (
         meta["help"] if default in (None, False, True) else f"{meta['help']} (default: {default})"
     )
@@ -166,5 +164,6 @@ def _pack_options(pk: argparse.ArgumentParser) -> None:
 def given_settings(args) -> dict:
     """The Config settings a user gave on the command line (the strengths as one dict)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name in args}
-    strengths = {k.removeprefix(AUG): v for k, v in vars(args).items() if k.startswith(AUG)}
+    prefix = config_lib.STRENGTH_PREFIX
+    strengths = {k.removeprefix(prefix): v for k, v in vars(args).items() if k.startswith(prefix)}
     return {**given, "strengths": strengths} if strengths else given
