@@ -6,10 +6,12 @@ A checkpoint is WORKDIR/checkpoints/<step>/ with two items:
   meta:  JSON with the config, epoch and position in it, the metrics so far and a SHA-256 of the
          weights (parameters and batch statistics), which every restore checks.
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
-mid-save leaves nothing that is picked up later.
+mid-save leaves nothing that is picked up later; the next run removes it.
 """
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -34,9 +36,39 @@ class OtherNetwork(CheckpointError):
     """An intact checkpoint of another architecture than the run's config builds."""
 
 
+class DiskFull(CheckpointError):
+    """A save that ran out of disk space; what it had written is removed."""
+
+
 class RestoreFailed(RuntimeError):
     """An intact checkpoint (its files match their SHA-256) that could not be restored: a bug
     or a library change, not damage, so nothing is ever set aside for it."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether a save failed for want of disk space: an OSError, or orbax's and TensorStore's
+    ValueError carrying the system's message."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(e) or "os_error_code='28'" in str(e)
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax logs an exception of its writing threads as an ERROR before it re-raises it in
+    the caller; the caller reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_orbax_threads():
+    logger, only = logging.getLogger("absl"), _OrbaxThreadErrors()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
 
 
 # Beside orbax's files in each step's folder: the SHA-256 of every file it wrote, so that a
@@ -96,6 +128,19 @@ class Checkpoints:
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
+        if not self.read_only:
+            self._remove_unfinished()
+        return self._manager()
+
+    def _remove_unfinished(self) -> None:
+        """Removes the folders of saves that never finished (a killed process, a full disk):
+        orbax ignores them, and they hold space. Only one trainer has the folder (its lock),
+        so none of them is being written now."""
+        if self.directory.is_dir():
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def _manager(self) -> ocp.CheckpointManager:
         policy = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(self.keep_latest),
@@ -131,16 +176,45 @@ class Checkpoints:
             state_sha256=params_digest(state),
         )
         metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta.to_json())
-            ),
-            metrics=metrics,
-            force=True,
+        flat = flatten(state)
+        self._check_space(int(step), sum(a.nbytes for a in flat.values()))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta.to_json())
         )
-        self.manager.wait_until_finished()
-        _write_manifest(self.directory / str(int(step)))
+        try:
+            with _quiet_orbax_threads():
+                self.manager.save(int(step), args=args, metrics=metrics, force=True)
+                self.manager.wait_until_finished()
+            _write_manifest(self.directory / str(int(step)))
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            self._drop_unfinished(int(step))
+            raise DiskFull(self._no_space(step)) from None
+
+    def _check_space(self, step: int, nbytes: int) -> None:
+        """Refuses a save the disk cannot hold before writing a byte of it: a failed one leaves
+        orbax's threads writing for a while after the error."""
+        free = shutil.disk_usage(self.directory).free
+        needed = int(nbytes * 1.05) + 2**20  # the arrays, plus orbax's and our small files
+        if needed > free:
+            raise DiskFull(self._no_space(step, f"it needs {needed / 1e6:.1f} MB, "
+                                                f"{free / 1e6:.1f} MB are free"))  # fmt: skip
+
+    def _no_space(self, step: int, sizes: str = "") -> str:
+        return (
+            f"no space left on the disk of {self.directory}{f' ({sizes})' if sizes else ''}: "
+            f"step {step} was not saved (the earlier checkpoints are intact); free some space "
+            "and run the same command again"
+        )
+
+    def _drop_unfinished(self, step: int) -> None:
+        """Removes what a failed save of `step` left: the space it holds is what is missing."""
+        with contextlib.suppress(Exception):  # the failed save's own error, reported already
+            self.manager.close()
+        if not (self.directory / str(step) / MANIFEST).is_file():  # renamed, not finished
+            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        self.manager = self._open()
 
     def read_meta(self, step: int) -> RunMeta:
         path = self.directory / str(step) / "meta" / "metadata"

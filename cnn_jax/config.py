@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 from cnn_jax.errors import UserError
+from cnn_jax.files import write_whole
 
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
 PIXELS = ("unit", "raw", "standard", "equalize")
@@ -30,6 +31,7 @@ MAX_SEED = 2**31 - 1
 # The smallest input side that leaves each model's last block at least one pixel.
 MIN_IMAGE_SIZE = {1: 4, 2: 10, 3: 8}
 MAX_IMAGE_SIZE = 1024
+SMALLEST_IMAGE_SIZE = min(MIN_IMAGE_SIZE.values())  # what some model takes
 # A strength's option is --aug-<name>; runs saved before `strengths` had aug_<name> fields.
 STRENGTH_PREFIX = "aug_"
 
@@ -282,7 +284,7 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_whole(path, self.to_json() + "\n")
 
 
 def flag(name: str) -> str:

@@ -10,13 +10,13 @@ import html
 import importlib.metadata
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from cnn_jax.data.signs import sign_name
 from cnn_jax.errors import UserError
+from cnn_jax.files import write_whole
 
 SECTIONS = ("curves", "per-class", "confusion", "mistakes", "run")
 # What marks a page as a report of ours, so that writing one replaces only an earlier report
@@ -166,27 +166,62 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _read_json(path: Path, *keys: str) -> dict:
-    """A run's JSON file, an object with `keys`; a damaged or foreign one is bad input."""
+def _read_json(path: Path) -> dict:
+    """A run's JSON file as an object; a damaged or foreign one is bad input."""
     try:
         value = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e}): is the run finished?") from None
-    if not isinstance(value, dict) or not all(k in value for k in keys):
-        raise UserError(f"{path} is not a cnn-jax run's file (it lacks {', '.join(keys)})")
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a cnn-jax run's file (not a JSON object)")
     return value
 
 
-def write_report(run: Path, out: Path, compare: list[Path], tested) -> Path:
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# What the report reads of metrics.json, and what each must be (None: may be null or absent).
+_METRICS = {
+    "epochs": lambda v: isinstance(v, list)
+    and all(isinstance(e, dict) and all(_is_number(x) for x in e.values()) for e in v),
+    "num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 10_000,
+    **dict.fromkeys(["params", "n_train", "n_val", "n_test", "devices", "selected_epoch",
+                     "median_step_ms", "peak_rss_mb"], lambda v: v is None or _is_number(v)),
+    **dict.fromkeys(["platform", "device_kind"], lambda v: v is None or isinstance(v, str)),
+    "warnings": lambda v: v is None or isinstance(v, list) and all(isinstance(w, str) for w in v),
+}  # fmt: skip
+
+
+def read_metrics(folder: Path, whole: bool = True) -> dict:
+    """A run's metrics.json, each field the report reads checked (`whole`: all of them, else
+    only the epochs that a compared run contributes)."""
+    path = Path(folder) / "metrics.json"
+    metrics = _read_json(path)
+    for key in _METRICS if whole else ["epochs"]:
+        required = key in ("epochs", "num_classes")
+        if (key in metrics or required) and not _METRICS[key](metrics.get(key)):
+            shown = json.dumps(metrics.get(key))
+            raise UserError(
+                f"{path} is not a cnn-jax run's file: its {key!r} is "
+                f"{shown[:60] + ' ...' if len(shown) > 60 else shown}"
+            )
+    return metrics
+
+
+def read_config(run: Path) -> dict:
+    config = _read_json(Path(run) / "config.json")
+    if not isinstance(config.get("model"), int):
+        raise UserError(f"{Path(run) / 'config.json'} is not a cnn-jax run's config (no model)")
+    return config
+
+
+def write_report(run: Path, out: Path, compare: list[Path], tested, force=False) -> Path:
     """The report of `run` into `out`. `tested` holds the run's test split as the checkpoint
-    sees it: images, labels and probabilities."""
+    sees it: images, labels and probabilities. `force` replaces a file that is not a report."""
+    runs = {Path(f).resolve().name: read_metrics(f, f == run)["epochs"] for f in [run, *compare]}
+    metrics, config = read_metrics(run), read_config(run)
     plt = _pyplot()
-    runs = {}
-    for folder in [run, *compare]:
-        metrics = _read_json(Path(folder) / "metrics.json", "epochs")
-        runs[Path(folder).resolve().name] = metrics["epochs"]
-    metrics = _read_json(run / "metrics.json", "epochs", "num_classes")
-    config = _read_json(run / "config.json")
     num_classes = metrics["num_classes"]
     predictions = tested.probabilities.argmax(1)
     accuracy = float(np.mean(predictions == tested.labels))
@@ -215,8 +250,7 @@ def write_report(run: Path, out: Path, compare: list[Path], tested) -> Path:
         f"{accuracy:.4f} on {len(tested.labels):,} images (checkpoint {tested.checkpoint})</p>"
         f"{body}</body></html>"
     )
-    check_out(out)  # again: the page took a while, and a file may have appeared meanwhile
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(page)
-    os.replace(partial, out)  # all or nothing: a full disk leaves the earlier report whole
+    if not force:  # again: the page took a while, and a file may have appeared meanwhile
+        check_out(out)
+    write_whole(out, page)  # all or nothing: a full disk leaves the earlier report whole
     return out

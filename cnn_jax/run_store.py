@@ -1,6 +1,7 @@
 """A run folder's checkpoints as training sees them: resume or start, save, and what a resume
 must keep (the settings that decide the result, and the data)."""
 
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnn_jax import data as data_lib
+from cnn_jax import files
 from cnn_jax.config import Config, resume_changes
 from cnn_jax.errors import UserError
 from cnn_jax.run_meta import RunMeta
@@ -73,8 +75,11 @@ class RunStore:
     ):
         from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
 
+        files.check_run_folder(workdir)
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(files.locked(self.workdir))
         self.checkpoints = Checkpoints(self.workdir)
         self.config, self.num_classes, self.fingerprint = config, num_classes, fingerprint
         self.steps_per_epoch = steps_per_epoch
@@ -112,7 +117,10 @@ class RunStore:
         return position.global_step(self.steps_per_epoch) in self.checkpoints.steps()
 
     def close(self) -> None:
-        self.checkpoints.close()
+        try:
+            self.checkpoints.close()
+        finally:
+            self._lock.close()
 
 
 def restore_latest(store, template, fallback: bool, say, check):

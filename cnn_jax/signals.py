@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import sys
+from signal import Signals  # noqa: F401  (for callers naming a signal)
 
 RECEIVED: list[int] = []  # every signal the command received, in order
 _installed = False
@@ -30,12 +31,12 @@ def _handle(signum, frame):
     if _at_once:
         os.write(2, f"cnn-jax: interrupted ({signal.Signals(signum).name})\n".encode())
         os._exit(128 + signum)
-    if _in_gc_callback(frame):  # Python would print the exception as "ignored" and drop it:
+    if in_gc_callback(frame):  # Python would print the exception as "ignored" and drop it:
         return  # the next check() raises it instead
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def _in_gc_callback(frame) -> bool:
+def in_gc_callback(frame) -> bool:
     """Whether the interrupted code runs inside a garbage-collection callback (JAX has one)."""
     codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
     while frame is not None:
@@ -84,8 +85,14 @@ def exit_now(code: int) -> None:
 
 
 def restore(previous: dict) -> None:
-    """Puts back what `install` replaced, and forgets the signals (the command is over)."""
-    global _installed
+    """Puts back what `install` replaced, and forgets the signals (the command is over). A
+    nested call (the process's own handlers stay) ends at once on any later signal instead:
+    the command has returned, and its code would otherwise be replaced by a traceback or, for
+    a signal Python dropped, kept at 0."""
+    global _installed, _at_once
+    if not previous and _installed:
+        _at_once = True
+        return
     for s, handler in previous.items():
         signal.signal(s, handler)
     if previous:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
-from cnn_jax import backend, parallel
+from cnn_jax import backend, files, parallel
 from cnn_jax import callbacks as cb
 from cnn_jax import data as data_lib
 from cnn_jax.callbacks import (
@@ -60,11 +60,12 @@ def fit(
 
     With a workdir: config.json, metrics.json, TensorBoard scalars (every `log_every` steps
     and every epoch) and a checkpoint after every epoch (and every `save_every` steps); a
-    workdir holding checkpoints is resumed from its latest. `should_stop()` is polled after
-    every compiled call: True saves a checkpoint and raises `Interrupted`. A loss that becomes
-    NaN or infinite raises `Diverged` at once, saving nothing. `callbacks` (callbacks.Callback)
-    run after the built-in ones. With `config.val_size` the epoch best on the validation split
-    is the run's model (its weights tested and returned in `metrics`); without, the last.
+    workdir holding checkpoints is resumed from its latest. `should_stop()` is polled before
+    the first compiled call, after each, and before the final test: True saves a checkpoint
+    and raises `Interrupted`. A loss that becomes NaN or infinite raises `Diverged` at once,
+    saving nothing. `callbacks` (callbacks.Callback) run after the built-in ones. With
+    `config.val_size` the epoch best on the validation split is the run's model (its weights
+    tested and returned in `metrics`); without, the last.
     """
     run = _prepare(config, dataset)
     say = print if verbose else (lambda *a, **k: None)
@@ -75,6 +76,7 @@ def fit(
         hooks, pick, stuck = _callbacks(loop, run, verbose, save_every, should_stop, log_every)
         hooks = cb.CallbackList([*hooks, *callbacks])
         hooks.on_train_begin(loop)
+        _stop_if_asked(loop, should_stop, state, position)  # a signal while it compiled, say
         step_ms = []
         for epoch in range(position.epoch, config.epochs):
             start = position.step_in_epoch if epoch == position.epoch else 0
@@ -82,6 +84,7 @@ def fit(
             step_ms += ms[1:] if epoch == position.epoch else ms  # the first call compiles
             if loop.stop_training:
                 break
+        _stop_if_asked(loop, should_stop, state, Position(len(loop.epochs), 0))
         metrics = _finish(loop, run, state, pick, stuck, step_ms)
         hooks.on_train_end(loop, metrics)
     return state, metrics
@@ -104,6 +107,11 @@ class _Run(NamedTuple):
 def _prepare(config: Config, dataset: data_lib.Dataset) -> _Run:
     num_classes = _num_classes(config, dataset)
     indices = data_lib.split_run(config, dataset)
+    if len(indices[0]) < num_classes:  # --val-size 0.99, say: one image to learn 43 classes
+        raise UserError(
+            f"the training split holds {len(indices[0])} images, fewer than the {num_classes} "
+            "classes: lower --test-size or --val-size, or give more images"
+        )
     steps_per_epoch = ceil_div(len(indices[0]), config.batch_size)
     trainer, state = create_trainer(_batch_for(config, len(indices[0])), num_classes,
                                     steps_per_epoch)  # fmt: skip
@@ -131,7 +139,7 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
     config, state, position = loop.config, run.state, Position(0, 0)
     if workdir is None:
         return state, position
-    _outside_data(workdir, config.data)
+    files.refuse_inside(workdir, config.data, "the data folder", "--workdir")
     # The fingerprint hashes every pixel: only runs that checkpoint need it.
     store = RunStore(workdir, config, run.metrics["num_classes"], data_fingerprint(dataset),
                      run.steps_per_epoch)  # fmt: skip
@@ -145,19 +153,6 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
     config.write(store.workdir / "config.json")
     loop.scalars = resources.enter_context(contextlib.closing(Scalars(store.workdir)))
     return state, position
-
-
-def _outside_data(workdir, data: str | None) -> None:
-    """The data folder is only ever read: a run folder inside it would be read as one more
-    class folder the next time, and the data could no longer load."""
-    if not data or not Path(data).is_dir():
-        return
-    folder, work = Path(data).resolve(), Path(workdir).resolve()
-    if work == folder or folder in work.parents:
-        raise UserError(
-            f"--workdir {workdir} is inside the data folder {data}, which cnn-jax only reads "
-            "(a folder there would load as a class next time): choose a run folder outside it"
-        )
 
 
 def _check_epochs_left(done: Position, config: Config, workdir: Path) -> None:
@@ -248,6 +243,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def _stop_if_asked(loop, should_stop, state, where: Position) -> None:
+    """Between the steps, the callbacks poll a stop request; before the first step and before
+    the final test, this does: a signal there stops the run, resumable from `where`."""
+    if should_stop is not None and should_stop():
+        _interrupt(loop, state, where)
+
+
 def _interrupt(loop, state, where: Position):
     if loop.store is not None and not loop.store.has(where):
         loop.store.save(where, state, loop.epochs)
@@ -281,7 +283,7 @@ def _finish(loop, run, state, pick, stuck, step_ms) -> dict:
     )
     if loop.store is not None:
         metrics["checkpoints"] = str(loop.store.directory)
-        (loop.store.workdir / "metrics.json").write_text(strict_json(metrics) + "\n")
+        files.write_whole(loop.store.workdir / "metrics.json", strict_json(metrics) + "\n")
     return metrics
 
 

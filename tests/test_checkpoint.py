@@ -5,12 +5,15 @@ import functools
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 from conftest import start_cli
 
@@ -19,6 +22,7 @@ from cnn_jax.checkpoint import CheckpointError, Checkpoints
 from cnn_jax.cli import main
 from cnn_jax.config import Config as _Config
 from cnn_jax.data.synthetic import make_synthetic
+from cnn_jax.run_meta import RunMeta
 
 # CPU devices wherever the suite runs (conftest.py); tests marked gpu are about the accelerator.
 Config = functools.partial(_Config, platform="cpu")
@@ -40,9 +44,10 @@ def reference(small, tmp_path_factory):
     return checkpoint.params_digest(state.params), metrics, workdir
 
 
-def _stop_at(step):
-    calls = iter(range(1, 10_000))
-    return lambda: next(calls) == step
+def _stop_at(call):
+    """A stop request after the `call`-th compiled call (fit polls once before the first)."""
+    polls = iter(range(10_000))
+    return lambda: next(polls) == call
 
 
 def _losses(metrics):
@@ -273,3 +278,75 @@ def test_bad_checkpoint_paths_exit_2(tmp_path, capsys, what):
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
+
+
+class _State(NamedTuple):
+    weights: dict
+    opt: dict
+
+
+def _disk_full_on(store, step):
+    """Makes `store`'s next save fail as orbax does on a full disk, after a partial write."""
+
+    def save(*args, **kwargs):
+        partial = store.directory / f"{step}.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+        partial.mkdir(parents=True)
+        (partial / "chunk").write_bytes(b"x" * 1000)
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing ...: Failed to write 1955916 bytes "
+                         "to file 18: No space left on device [os_error_code='28']")  # fmt: skip
+
+    store.manager.save = save
+
+
+def test_a_save_that_runs_out_of_disk_is_named_and_removes_what_it_wrote(tmp_path):
+    store = Checkpoints(tmp_path)
+    state = _State({"w": np.ones(3, np.float32)}, {"m": np.zeros(3, np.float32)})
+    meta = RunMeta.for_run(Config(), 43, 0, 1, [])
+    store.save(1, state, meta)
+    _disk_full_on(store, 2)
+    with pytest.raises(checkpoint.DiskFull, match="no space left on the disk of .*step 2 was"):
+        store.save(2, state, meta)
+    assert sorted(p.name for p in store.directory.iterdir()) == ["1"]
+    assert store.steps() == [1]
+    store.close()
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    store = Checkpoints(tmp_path)
+    state = _State({"w": np.ones(3, np.float32)}, {"m": np.zeros(3, np.float32)})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=2**19))
+    with pytest.raises(checkpoint.DiskFull, match=r"it needs 1\.0 MB, 0\.5 MB are free"):
+        store.save(1, state, RunMeta.for_run(Config(), 43, 0, 1, []))
+    assert list(store.directory.iterdir()) == []
+    store.close()
+
+
+def test_a_run_removes_the_unfinished_saves_of_a_killed_one(tmp_path):
+    partial = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp" / "state"
+    partial.mkdir(parents=True)
+    Checkpoints(tmp_path, read_only=True).close()  # reading (evaluate, report) removes nothing
+    assert partial.is_dir()
+    Checkpoints(tmp_path).close()
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_stop_request_after_the_last_epoch_stops_before_the_final_test(
+    small, reference, tmp_path
+):
+    from cnn_jax.callbacks import Callback
+
+    class Epochs(Callback):
+        done = 0
+
+        def on_epoch_end(self, loop, epoch, record, state):
+            self.done += 1
+
+    epochs = Epochs()
+    last = lambda: epochs.done == CFG.epochs  # noqa: E731  (a signal during the last evaluation)
+    with pytest.raises(train.Interrupted, match="stopped at step 34"):
+        train.fit(CFG, small, tmp_path, verbose=False, should_stop=last, callbacks=[epochs])
+    assert not (tmp_path / "metrics.json").exists()
+    state, metrics = train.fit(CFG, small, tmp_path, verbose=False)  # tests, trains nothing
+    assert checkpoint.params_digest(state.params) == reference[0]
+    assert metrics["test_accuracy"] == reference[1]["test_accuracy"]

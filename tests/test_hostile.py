@@ -131,7 +131,8 @@ def test_a_16_bit_grey_png_keeps_its_greys(tmp_path):
 
     grey = np.full((20, 20), 32768, np.uint16)
     Image.fromarray(grey).save(tmp_path / "g.png")
-    assert Image.open(tmp_path / "g.png").mode.startswith("I")
+    with Image.open(tmp_path / "g.png") as im:  # closed here, not by a later collection
+        assert im.mode.startswith("I")
     pixels = data.decode_image(tmp_path / "g.png", 10)
     assert pixels.shape == (10, 10, 3) and np.all(pixels == 128)
 
@@ -403,3 +404,220 @@ def test_the_readme_python_example_runs_as_a_plain_script(tmp_path, cs50_folder)
     assert (tmp_path / "run" / "metrics.json").is_file()
     accuracy, selected, epochs = done.stdout.splitlines()[-1].split()
     assert 0 <= float(accuracy) <= 1 and selected == epochs == "1"
+
+
+# Round two: what a command writes never replaces what it reads or what is not its own.
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "config.json", "checkpoints/page.html"])
+def test_report_never_writes_over_what_it_reads_even_with_force(run, capsys, name):
+    before = _tree(run)
+    _fails(capsys, ["report", str(run), "--out", str(run / name), "--force"],
+           "is a file the report reads")  # fmt: skip
+    assert _tree(run) == before
+
+
+def test_report_replaces_a_file_not_its_own_only_with_force(run, tmp_path, capsys):
+    out = tmp_path / "notes.html"
+    out.write_text("my notes")
+    _fails(capsys, ["report", str(run), "--out", str(out)], "is not a cnn-jax report")
+    assert out.read_text() == "my notes"
+    assert main(["report", str(run), "--out", str(out), "--force"]) == 0
+    assert 'content="cnn-jax report"' in out.read_text()
+
+
+def test_pack_writes_nothing_into_the_data_folder_and_replaces_only_with_force(
+    cs50_folder, tmp_path, capsys
+):
+    before = _tree(cs50_folder)
+    _fails(capsys, ["pack", str(cs50_folder), str(cs50_folder / "0" / "x.npz")],
+           "is inside the data folder")  # fmt: skip
+    assert _tree(cs50_folder) == before
+    out = tmp_path / "x.npz"
+    out.write_bytes(b"mine")
+    _fails(capsys, ["pack", str(cs50_folder), str(out)], "exists: not overwriting it (--force")
+    assert out.read_bytes() == b"mine"
+    assert main(["pack", str(cs50_folder), str(out), "--force"]) == 0
+    assert len(np.load(out)["labels"]) == 14
+
+
+def test_a_cache_folder_inside_the_data_folder_is_refused(cs50_folder, tmp_path, capsys):
+    before = _tree(cs50_folder)
+    args = ["train", str(cs50_folder), "--epochs", "1", "--platform", "cpu", "--workdir",
+            str(tmp_path / "run"), "--cache-dir", str(cs50_folder / "cache")]  # fmt: skip
+    _fails(capsys, args, "--cache-dir")
+    assert _tree(cs50_folder) == before and not (cs50_folder / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"thesis.tex": "mine"}, "holds files that are not a cnn-jax run's (thesis.tex)"),
+        ({"config.json": '{"mine": 1}'}, "holds files that are not a cnn-jax run's (config.json)"),
+    ],
+)
+def test_a_run_folder_holding_other_files_is_refused(tmp_path, capsys, files, message):
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    for name, text in files.items():
+        (workdir / name).write_text(text)
+    before = _tree(workdir)
+    args = ["train", "--epochs", "1", "--synthetic-per-class", "3", "--platform", "cpu",
+            "--workdir", str(workdir)]  # fmt: skip
+    _fails(capsys, args, message)
+    assert _tree(workdir) == before and sorted(p.name for p in workdir.iterdir()) == sorted(files)
+
+
+def test_a_second_trainer_on_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    from cnn_jax import files
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    args = ["train", "--epochs", "1", "--synthetic-per-class", "3", "--platform", "cpu",
+            "--workdir", str(workdir)]  # fmt: skip
+    with files.locked(workdir):  # another trainer holds it
+        _fails(capsys, args, "is in use by another cnn-jax train")
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_a_killed_trainer_leaves_its_run_folder_free(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from cnn_jax import files
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cnn_jax import files\n"
+         f"with files.locked({str(workdir)!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(files.UserError, match="in use"):
+        with files.locked(workdir):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    with files.locked(workdir):  # the system let go of the dead process's lock
+        pass
+
+
+def test_the_training_split_must_hold_an_image_per_class(capsys):
+    args = ["train", "--epochs", "1", "--synthetic-per-class", "3", "--platform", "cpu",
+            "--val-size", "0.9"]  # fmt: skip
+    _fails(capsys, args, "the training split holds 7 images, fewer than the 43 classes")
+    _fails(capsys, args[:-1] + ["0.99"], "77 images are too few to hold out 0.99 of them")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--aug-rotate", "45"], "--aug-rotate has no effect without --augment"),
+        (["--warmup-epochs", "3"], "--warmup-epochs has no effect with --schedule constant"),
+        (["--schedule", "cosine", "--warmup-epochs", "5"], "--warmup-epochs 5 is not below"),
+        (["--recipe", "strong", "--model", "3", "--warmup-epochs", "30"],
+         "--warmup-epochs 30 is not below --epochs 1"),
+        (["gtsrb", "--synthetic-per-class", "5"], "--synthetic-per-class has no effect"),
+    ],
+)  # fmt: skip
+def test_an_option_that_would_change_nothing_is_refused(cs50_folder, capsys, extra, message):
+    extra = [str(cs50_folder) if e == "gtsrb" else e for e in extra]
+    args = ["train", *extra, "--epochs", "1", "--platform", "cpu", "--workdir", "/nonexistent"]
+    _fails(capsys, args, message)
+
+
+@pytest.mark.parametrize("side", [0, 1, 3, 1025])
+def test_a_pack_of_images_no_model_takes_is_one_line(tmp_path, capsys, side):
+    path = tmp_path / "odd.npz"
+    np.savez(path, images=np.zeros((4, side, side, 3), np.uint8), labels=np.array([0, 1, 0, 1]),
+             paths=np.array(["a", "b", "c", "d"]), skipped_paths=np.array([], str),
+             skipped_reasons=np.array([], str))  # fmt: skip
+    _fails(capsys, ["train", str(path), "--platform", "cpu", "--workdir", str(tmp_path / "r")],
+           f"its images are {side}x{side}, outside the 4 to 1024 pixels")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "metrics, message",
+    [
+        ("{}", "its 'epochs' is null"),
+        ("[]", "not a JSON object"),
+        ('{"epochs": 5, "num_classes": 43}', "its 'epochs' is 5"),
+        ('{"epochs": [{"train_loss": "low"}], "num_classes": 43}', "its 'epochs' is"),
+        ('{"epochs": [], "num_classes": 43, "params": "many"}', "its 'params' is \"many\""),
+        ('{"epochs": [], "num_classes": true}', "its 'num_classes' is true"),
+        ('{"epochs": [1, 2', "metrics.json is not valid JSON"),
+    ],
+)
+def test_report_on_a_metrics_file_of_the_wrong_shape_names_it(tmp_path, capsys, metrics, message):
+    (tmp_path / "metrics.json").write_text(metrics)
+    err = _fails(capsys, ["report", str(tmp_path)], message)
+    assert str(tmp_path / "metrics.json") in err
+
+
+def test_report_names_a_compared_folder_that_is_not_a_run(run, tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text('{"hello": 1}')
+    _fails(capsys, ["report", str(run), "--compare", str(tmp_path / "other")],
+           "other/metrics.json is not a cnn-jax run's file: its 'epochs' is null")  # fmt: skip
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["epochs", "num_classes", "params", "warnings", "platform", "x"])
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(keys, inner, max_size=4), max_leaves=10)  # fmt: skip
+
+
+def test_report_on_any_metrics_file_without_a_checkpoint_is_one_line(tmp_path_factory):
+    """Property: whatever JSON metrics.json holds, `report` on a folder without checkpoints
+    says one line and exits 2 (the shape check first, then the missing checkpoint)."""
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_json_values())
+    def check(value):
+        folder = tmp_path_factory.mktemp("run")
+        (folder / "metrics.json").write_text(json.dumps(value))
+        (folder / "config.json").write_text('{"model": 2}')
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["report", str(folder)])
+        assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
+        assert "Traceback" not in err.getvalue()
+
+    check()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_checkpoint(tmp_path):
+    """A 400 KB disk (a tmpfs in a mount namespace of the test's own) holds the run's JSON but
+    not its first 1.3 MB checkpoint."""
+    import shutil
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=400k tmpfs {disk}"]
+    if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode:
+        pytest.skip("no mount namespace here (unshare -rm) to make a small disk in")
+    train = [sys.executable, "-m", "cnn_jax", "train", "--epochs", "1", "--platform", "cpu",
+             "--synthetic-per-class", "3", "--quiet", "--workdir", str(disk / "run")]  # fmt: skip
+    script = (f"mount -t tmpfs -o size=400k tmpfs {disk} && {' '.join(train)} 2>{tmp_path}/err;"
+              f" echo exit=$?; cd {disk} && find . | sort")  # fmt: skip
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    err = (tmp_path / "err").read_text()
+    lines = done.stdout.split()
+    assert lines[0] == "exit=2", err
+    assert err.count("\n") == 1 and "no space left on the disk of" in err, err
+    assert f"{disk}/run/checkpoints" in err and "Traceback" not in err
+    assert len(err) - len(str(disk)) < 220  # short, whatever the folder's name
+    assert not [p for p in lines if "tmp" in p], lines  # orbax's unfinished folders are gone
+    assert "./run/checkpoints" in lines and not [p for p in lines if "checkpoints/" in p]

@@ -1,11 +1,12 @@
 """Signals while a command loads its data: it ends within 2 s, with one line and exit code
-128 + the signal, and leaves no process behind."""
+128 + the signal, and leaves no process behind; and at any moment of a run: it ends resumably."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,16 @@ def test_a_signal_while_starting_or_loading_ends_it_at_once(big_folder, tmp_path
         line = f"interrupted ({signal.Signals(sig).name})"
         assert err.strip().splitlines() in ([f"cnn-jax train: {line}"], [f"cnn-jax: {line}"]), err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_moment_of_a_run_ends_it_resumably(tmp_path):
+    """scripts/signal_sweep.py, three seeded moments: each run ends with 128 + the signal and
+    its line, and the same command then finishes with the uninterrupted run's exact results."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "signal_sweep.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--moments", "3", "--seed", "7", "--folder", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("3 of 3 moments clean"), done.stdout

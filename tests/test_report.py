@@ -73,14 +73,17 @@ def test_report_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch
 def test_report_never_overwrites_what_is_not_a_report(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text('{"epochs": []}')
-    (run / "config.json").write_text("{}")
+    (run / "metrics.json").write_text('{"epochs": [], "num_classes": 43}')
+    (run / "config.json").write_text('{"model": 2}')
     (tmp_path / "notes.html").write_text("<html>my notes</html>")
-    for out in (run / "metrics.json", run / "config.json", tmp_path / "notes.html", run):
+    read, foreign = "is a file the report reads", "is not a cnn-jax report: not overwriting it"
+    cases = [(run / "metrics.json", read), (run / "config.json", read),
+             (tmp_path / "notes.html", foreign), (run, foreign)]  # fmt: skip
+    for out, message in cases:
         before = out.read_bytes() if out.is_file() else None
         assert main(["report", str(run), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is not a cnn-jax report: not overwriting it" in err
+        assert err.count("\n") == 1 and message in err, err
         assert (out.read_bytes() if out.is_file() else None) == before
 
 

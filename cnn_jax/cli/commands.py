@@ -5,7 +5,8 @@ import time
 from pathlib import Path
 
 from cnn_jax import data as data_lib
-from cnn_jax.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from cnn_jax import files
+from cnn_jax.config import MAX_IMAGE_SIZE, SMALLEST_IMAGE_SIZE
 from cnn_jax.errors import UserError
 from cnn_jax.report import strict_json, test_line
 
@@ -74,27 +75,42 @@ def report(args) -> int:
     for folder in [args.run_dir, *args.compare]:
         if not (Path(folder) / "metrics.json").is_file():
             raise UserError(f"{folder} holds no metrics.json: give the folder of a finished run")
+        html_report.read_metrics(Path(folder), folder == args.run_dir)  # before any slow work
     run = Path(args.run_dir)
+    html_report.read_config(run)
     out = Path(args.out or run / "report.html")
-    html_report.check_out(out)  # before the checkpoint and the data load
+    _check_report_out(out, run, args)  # before the checkpoint and the data load
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
     tested = probabilities_on(
         load_checkpoint(run, args.platform), args.data, args.layout, args.cache_dir
     )
-    out = html_report.write_report(run, out, [Path(c) for c in args.compare], tested)
+    out = html_report.write_report(run, out, [Path(c) for c in args.compare], tested, args.force)
     print(f"wrote {out}")
     return 0
+
+
+def _check_report_out(out: Path, run: Path, args) -> None:
+    """The page never replaces what the report reads: the data, the run's own files (even with
+    --force), or, without --force, any file that is not an earlier report."""
+    files.refuse_inside(out, args.data, "the data folder", "--out")
+    inputs = [run / "metrics.json", run / "config.json", run / "checkpoints",
+              *(Path(c) / "metrics.json" for c in args.compare)]  # fmt: skip
+    if any(files.is_inside(out, p) for p in inputs):
+        raise UserError(f"{out} is a file the report reads: give another --out")
+    if not args.force:
+        from cnn_jax.html_report import check_out
+
+        check_out(out)
 
 
 def pack(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UserError(f"{out} must end in .npz (train and evaluate tell packs by it)")
-    if out.exists():
-        raise UserError(f"{out} exists: not overwriting it")
-    # What some model can train on: the smallest any model takes, the largest train accepts.
-    low = min(MIN_IMAGE_SIZE.values())
+    files.refuse_inside(out, args.data, "the data folder")
+    files.refuse_existing(out, args.force)
+    low = SMALLEST_IMAGE_SIZE  # what some model can train on, up to the largest train accepts
     if not low <= args.image_size <= MAX_IMAGE_SIZE:
         raise UserError(f"--image-size must be {low} to {MAX_IMAGE_SIZE}, not {args.image_size}")
     t0 = time.perf_counter()

@@ -145,6 +145,8 @@ def _report_options(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("run_dir", metavar="RUN", help="a finished run's folder")
     rp.add_argument("data", nargs="?", help="data folder or .npz to test on; none: the test split")
     rp.add_argument("--out", help="the .html file to write; none: RUN/report.html")
+    rp.add_argument("--force", action="store_true",
+                    help="replace an existing --out that is not an earlier report")  # fmt: skip
     rp.add_argument("--compare", nargs="+", default=[], metavar="RUN2",
                     help="other runs whose curves share the axes")  # fmt: skip
     rp.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
@@ -155,6 +157,7 @@ def _report_options(rp: argparse.ArgumentParser) -> None:
 def _pack_options(pk: argparse.ArgumentParser) -> None:
     pk.add_argument("data", help="data folder (CS50 or official GTSRB layout)")
     pk.add_argument("out", help="the .npz file to write")
+    pk.add_argument("--force", action="store_true", help="replace an existing OUT")
     pk.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     pk.add_argument("--image-size", type=int, default=Config().image_size, help="resize to N x N")
     pk.add_argument("--decoder", choices=config_lib.DECODERS, default=Config().decoder,

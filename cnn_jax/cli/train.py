@@ -33,23 +33,14 @@ def load_dataset(cfg: Config, cache_dir=None, use_cache=True, verbose=True) -> d
 
 
 def command(args) -> int:
-    with signals.ending_at_once():  # nothing is open or written yet
+    # Nothing is open or written until the data loads: a signal before that ends it there.
+    with signals.ending_at_once():
         from cnn_jax.callbacks import DIVERGED_EXIT, Diverged
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
-    given = given_settings(args)
-    if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
-        given["data"] = str(Path(given["data"]).resolve())
-    cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
+        cfg = _config(args)
+        backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
     verbose = not args.quiet
-    # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
-    if cfg.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {cfg.epochs}")
-    for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1, not {value}")
-    backend.devices(cfg.platform)  # a missing GPU is named before the data loads
-    signals.check()
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     signals.check()  # nothing trains after a signal that came while loading
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -73,6 +64,10 @@ def command(args) -> int:
             print(f"cnn-jax train: interrupted: {e}", file=sys.stderr)
             print(f"to resume: cnn-jax train ... --workdir {workdir}", file=sys.stderr)
             return 128 + stop.signum
+    if stop.signum is not None:  # after the last check: the run is whole, the signal is not lost
+        print(f"cnn-jax train: interrupted ({signals.Signals(stop.signum).name}) after the run "
+              f"finished; its results are in {workdir}", file=sys.stderr)  # fmt: skip
+        return 128 + stop.signum
     if verbose:
         n_train, n_test, ms = metrics["n_train"], metrics["n_test"], metrics["median_step_ms"] or 0
         print(
@@ -84,13 +79,51 @@ def command(args) -> int:
     return 0
 
 
+def _config(args) -> Config:
+    """The run's configuration: the recipe, then the options given; refused when it cannot run."""
+    given = given_settings(args)
+    if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
+        given["data"] = str(Path(given["data"]).resolve())
+    cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
+    _refuse_no_effect(given, cfg)
+    # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {cfg.epochs}")
+    for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, not {value}")
+    return cfg
+
+
+def _refuse_no_effect(given: dict, cfg: Config) -> None:
+    """An option given that would change nothing is refused before any work: the user meant
+    something by it, and a run that ignores it for an hour helps nobody."""
+    strengths = ", ".join(config_lib.strength_flag(k) for k in given.get("strengths", {}))
+    warmup = "warmup_epochs" in given and cfg.warmup_epochs > 0
+    checks = [
+        (strengths and not cfg.augment,
+         f"{strengths} has no effect without --augment: add --augment, or drop it"),
+        (warmup and cfg.schedule == "constant",
+         "--warmup-epochs has no effect with --schedule constant: add --schedule cosine, or drop "
+         "it"),
+        (warmup and cfg.schedule != "constant" and cfg.warmup_epochs >= cfg.epochs,
+         f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs}: the learning "
+         "rate would never decay from its peak; give fewer warmup epochs"),
+        ("synthetic_per_class" in given and cfg.data,
+         "--synthetic-per-class has no effect with a data argument: drop one of them"),
+    ]  # fmt: skip
+    for applies, why in checks:
+        if applies:
+            raise UserError(why)
+
+
 class _StopOnSignal:
     """Turns the first Ctrl-C or SIGTERM into a request that training polls after each call.
 
     Raising inside a step would lose the state that step had donated; a second Ctrl-C still
-    raises KeyboardInterrupt at once. A signal that came before training started, and whose
-    exception was lost (Python drops one raised inside a garbage-collection callback), is a
-    request too: no signal is ignored.
+    raises KeyboardInterrupt at once (but inside a garbage-collection callback). A signal that
+    came before training started, and whose exception was lost (Python drops one raised inside
+    a garbage-collection callback), is a request too: no signal is ignored.
     """
 
     def __init__(self):
@@ -101,8 +134,11 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         signals.RECEIVED.append(signum)
+        # Python would drop an exception raised in a garbage-collection callback: the first
+        # request stands, and stops the run after this call.
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            if not signals.in_gc_callback(frame):
+                raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self):

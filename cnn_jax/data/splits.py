@@ -46,7 +46,7 @@ def split_indices(
         order = rng.permutation(n)
         n_test = int(np.ceil(test_size * n))
         if n_test >= n:
-            raise DataError(f"{n} images are too few to split with test size {test_size}")
+            raise DataError(f"{n} images are too few to hold out {test_size:g} of them")
         return np.sort(order[n_test:]), np.sort(order[:n_test])
     if how != "track":
         raise UserError(f"unknown split {how!r}: choose one of {', '.join(SPLITS)}")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cnn_jax.config import MAX_IMAGE_SIZE, SMALLEST_IMAGE_SIZE
 from cnn_jax.data.dataset import DataError, Dataset, describe_error
 from cnn_jax.data.decode import decode_files
 from cnn_jax.data.layouts import MAX_CLASS_ID, detect_layout, list_files
+from cnn_jax.files import refuse_inside
 
 # Bump when decoding changes, so old caches are not reused (2: OpenCV decodes by default).
 _CACHE_VERSION = 2
@@ -51,6 +53,10 @@ def read_npz(path: Path | str) -> Dataset:
         "images are not (N, size, size, 3) uint8"
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3
         or images.shape[1] != images.shape[2]
+        # a 0x0 or 1x1 pack would suggest an --image-size no model takes
+        else f"its images are {images.shape[1]}x{images.shape[2]}, outside the "
+        f"{SMALLEST_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels a side that cnn-jax trains on"
+        if not SMALLEST_IMAGE_SIZE <= images.shape[1] <= MAX_IMAGE_SIZE
         else "labels are not one integer per image"
         if labels.dtype.kind not in "iu" or n != len(images) or (n and labels.min() < 0)
         # as for a folder's class ids; larger ones would wrap in int32 or size arrays by them
@@ -155,7 +161,11 @@ def load_folder(
     cache_path = None
     if use_cache:
         key = _cache_key(root, files, layout, image_size, decoder)
-        cache_path = Path(cache_dir or default_cache_dir()).resolve() / f"{layout}-{key}.npz"
+        cache = Path(cache_dir or default_cache_dir())
+        refuse_inside(
+            cache, root, "the data folder", "--cache-dir"
+        )  # a cache there would load as an image
+        cache_path = cache.resolve() / f"{layout}-{key}.npz"
         if cache_path.is_file() and (ds := _read_cache(cache_path)) is not None:
             return ds
     images, kept, skipped = decode_files(files, image_size, decoder)
