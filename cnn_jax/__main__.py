@@ -1,6 +1,7 @@
 """`python -m cnn_jax` and the `cnn-jax` script: the signal handlers go in first, before the
 command's imports take their half-second, so that a signal that early is not Python's default
-(a traceback for Ctrl-C) but one line and exit code 128 + the signal, at once."""
+(a traceback for Ctrl-C) but one line and exit code 128 + the signal, at once; and they stay
+until the process has ended (it skips the interpreter's teardown)."""
 
 import sys
 
@@ -11,14 +12,14 @@ def run() -> int:
     signals.install()
     with signals.ending_at_once():
         from cnn_jax.cli import main
-    code = main()  # from its return on, a signal ends the process at once (signals.restore)
-    if signals.RECEIVED:  # the command closed what it had open: no need to wait for teardown
-        if code == 0:  # a signal whose exception Python dropped, after the command's last check
-            print(f"cnn-jax: interrupted ({signals.Signals(signals.RECEIVED[0]).name})",
-                  file=sys.stderr)  # fmt: skip
-            code = 128 + signals.RECEIVED[0]
-        signals.exit_now(code)
-    return code
+    code = main()  # which holds back any signal from the command's end on (signals.hold)
+    late = signals.pending()
+    if late and code == 0:  # after the command's last check, or one that Python dropped
+        print(f"cnn-jax: interrupted ({signals.Signals(late).name})", file=sys.stderr)
+        code = 128 + late
+    # The command has closed what it opened; Python's teardown would take 0.3-0.5 s with JAX
+    # loaded, and it puts the default handlers back first.
+    signals.exit_now(code)
 
 
 if __name__ == "__main__":

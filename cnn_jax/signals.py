@@ -13,8 +13,10 @@ import gc
 import os
 import signal
 import sys
+import threading
 from signal import Signals  # noqa: F401  (for callers naming a signal)
 
+OURS = (signal.SIGINT, signal.SIGTERM)
 RECEIVED: list[int] = []  # every signal the command received, in order
 _installed = False
 _at_once = False  # within `ending_at_once()`
@@ -84,20 +86,31 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def hold() -> None:
+    """From here on a signal waits (`pending` tells of it): the command's outcome is known, and
+    an exception raised while the command returns would replace its exit code by a traceback."""
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, OURS)
+
+
+def pending() -> int | None:
+    """The first signal received, or held back since `hold`; None without one."""
+    waiting = sorted(signal.sigpending() & set(OURS))
+    return RECEIVED[0] if RECEIVED else (int(waiting[0]) if waiting else None)
+
+
 def restore(previous: dict) -> None:
-    """Puts back what `install` replaced, and forgets the signals (the command is over). A
-    nested call (the process's own handlers stay) ends at once on any later signal instead:
-    the command has returned, and its code would otherwise be replaced by a traceback or, for
-    a signal Python dropped, kept at 0."""
-    global _installed, _at_once
-    if not previous and _installed:
-        _at_once = True
+    """Puts back what `install` replaced, lets held signals through to it, and forgets the
+    signals (the command is over). A nested call leaves the process's own handlers, and any
+    held signal, for the outer one."""
+    global _installed
+    if not previous:
         return
     for s, handler in previous.items():
         signal.signal(s, handler)
-    if previous:
-        _installed = False
-        RECEIVED.clear()
+    _installed = False
+    RECEIVED.clear()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, OURS)
 
 
 def check() -> None:

@@ -63,7 +63,9 @@ def _run(args) -> int:
     sys.unraisablehook = _quiet_unraisable
     run = COMMANDS.get(args.command) or args.run  # a plugin's command brings its own
     try:
-        return run(args)
+        code = run(args)
+        signals.hold()  # the outcome is known: a signal now must not turn it into a traceback
+        return code
     except BrokenPipeError:  # `cnn-jax info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
