@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cnn_jax import distributed
 from cnn_jax.errors import UserError
 from cnn_jax.run_meta import RunMeta
 
@@ -128,9 +129,13 @@ class Checkpoints:
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        if not self.read_only:
+        if not self.read_only and distributed.is_main():
             self._remove_unfinished()
         return self._manager()
+
+    def reload(self) -> None:
+        """Sees the steps as they are now on disk (after another process changed them)."""
+        self.manager.reload()
 
     def _remove_unfinished(self) -> None:
         """Removes the folders of saves that never finished (a killed process, a full disk):
@@ -182,10 +187,12 @@ class Checkpoints:
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta.to_json())
         )
         try:
-            with _quiet_orbax_threads():
+            with _quiet_orbax_threads():  # every process saves: orbax writes and syncs them
                 self.manager.save(int(step), args=args, metrics=metrics, force=True)
                 self.manager.wait_until_finished()
-            _write_manifest(self.directory / str(int(step)))
+            if distributed.is_main():
+                _write_manifest(self.directory / str(int(step)))
+            distributed.barrier(f"cnn-jax: step {step} saved")
         except Exception as e:
             if not _disk_full(e):
                 raise
@@ -196,6 +203,8 @@ class Checkpoints:
         """Refuses a save the disk cannot hold before writing a byte of it: a failed one leaves
         orbax's threads writing for a while after the error."""
         free = shutil.disk_usage(self.directory).free
+        if distributed.count() > 1:  # process 0's disk decides for all (MiB: 32-bit integers)
+            free = distributed.from_main(free // 2**20) * 2**20
         needed = int(nbytes * 1.05) + 2**20  # the arrays, plus orbax's and our small files
         if needed > free:
             raise DiskFull(self._no_space(step, f"it needs {needed / 1e6:.1f} MB, "
@@ -268,6 +277,13 @@ class Checkpoints:
                 self._corrupt(step, "the training state does not match its SHA-256")
             )
         return state, meta
+
+    def verify(self, step: int) -> None:
+        """Raises CheckpointError when a file of the step is missing or does not match its
+        SHA-256: the damage check of `restore`, without reading the arrays."""
+        damage = _damage(self.directory / str(step), RuntimeError("not read"))
+        if damage is not None:
+            raise CheckpointError(self._corrupt(step, damage))
 
     def best_step(self) -> int | None:
         """The step with the highest validation accuracy; the latest when none has one (a run

@@ -1,8 +1,7 @@
 """Data parallelism with jax.sharding: a 1-D 'data' mesh, replicated parameters, sharded batches.
 
-The same code runs on one device (a mesh of one). Across hosts, start every process with
-`jax.distributed.initialize()` before training; `jax.devices()` then lists every host's devices
-and the mesh spans them all. Each process loads the same data folder.
+The same code runs on one device (a mesh of one). Across hosts (distributed.py) `jax.devices()`
+lists every process's devices and the mesh spans them all; each process loads the same data.
 """
 
 import numpy as np
@@ -22,7 +21,14 @@ def create_mesh(devices: int | None = None, platform: str | None = None) -> Mesh
             f"--devices {devices}: this machine has {len(available)} "
             f"{available[0].platform.upper()} device(s)"
         )
-    return Mesh(np.asarray(available[:n]), ("data",))
+    chosen = available[:n]
+    processes = {d.process_index for d in available}
+    if {d.process_index for d in chosen} != processes:
+        raise UserError(
+            f"--devices {devices} leaves out some of the run's {len(processes)} processes: give "
+            f"all {len(available)} devices (or leave --devices out)"
+        )
+    return Mesh(np.asarray(chosen), ("data",))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:

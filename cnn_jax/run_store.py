@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax import files
+from cnn_jax import distributed, files
 from cnn_jax.config import Config, resume_changes
 from cnn_jax.errors import UserError
 from cnn_jax.run_meta import RunMeta
@@ -63,6 +63,10 @@ class Resumed(NamedTuple):
     epochs: list  # the per-epoch records so far
 
 
+# What process 0 tells the others of a resume, besides the step it chose.
+NEW, FAILED = -1, -2
+
+
 class RunStore:
     """The checkpoints of one run folder, each with the meta a resume needs.
 
@@ -75,11 +79,13 @@ class RunStore:
     ):
         from cnn_jax.checkpoint import Checkpoints  # orbax is slow to import
 
-        files.check_run_folder(workdir)
         self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(files.locked(self.workdir))
+        if distributed.is_main():  # the other processes of a run only read the folder
+            files.check_run_folder(workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._lock.enter_context(files.locked(self.workdir))
+        distributed.check_shared(self.workdir)
         self.checkpoints = Checkpoints(self.workdir)
         self.config, self.num_classes, self.fingerprint = config, num_classes, fingerprint
         self.steps_per_epoch = steps_per_epoch
@@ -88,15 +94,47 @@ class RunStore:
     def directory(self) -> Path:
         return self.checkpoints.directory
 
-    def resume(self, template, restart: bool, fallback: bool, say) -> Resumed | None:
+    def resume(self, template, restart: bool, fallback: bool) -> Resumed | None:
         """The latest checkpoint (None for a new run; --restart deletes them first)."""
+        store = self.checkpoints
+        if distributed.count() > 1:
+            return self._resume_together(template, restart, fallback)
         if restart:
-            self.checkpoints.clear()
-        if not self.checkpoints.steps():
+            store.clear()
+        if not store.steps():
             return None
-        check = lambda meta: check_resumable(meta, self.config, self.fingerprint, self.workdir)  # noqa: E731
-        state, meta = restore_latest(self.checkpoints, template, fallback, say, check)
+        load = lambda step: store.restore(step, template)  # noqa: E731
+        _, (state, meta) = newest_intact(store, fallback, self._check, load)
         return Resumed(state, Position(meta.epoch, meta.step_in_epoch), meta.epochs)
+
+    def _resume_together(self, template, restart: bool, fallback: bool) -> Resumed | None:
+        """Several processes: process 0 alone deletes (--restart), sets aside
+        (--resume-fallback) and chooses the step, by its files' digests; then all of them
+        restore it together (orbax restores collectively)."""
+        step = FAILED
+        if distributed.is_main():
+            try:
+                if restart:
+                    self.checkpoints.clear()
+                if self.checkpoints.steps():
+                    step, _ = newest_intact(self.checkpoints, fallback, self._check,
+                                            self.checkpoints.verify)  # fmt: skip
+                else:
+                    step = NEW
+            finally:  # the others wait for this, whatever happened here
+                distributed.from_main(step)
+        else:
+            step = distributed.from_main(step)
+        if step == FAILED:
+            raise UserError("process 0 could not resume the run: its own message says why")
+        self.checkpoints.reload()
+        if step == NEW:
+            return None
+        state, meta = self.checkpoints.restore(step, template)
+        return Resumed(state, Position(meta.epoch, meta.step_in_epoch), meta.epochs)
+
+    def _check(self, meta) -> None:
+        check_resumable(meta, self.config, self.fingerprint, self.workdir)
 
     def save(self, position: Position, state, epochs, val_accuracy=None) -> None:
         meta = RunMeta.for_run(self.config, self.num_classes, *position, epochs,
@@ -123,17 +161,17 @@ class RunStore:
             self._lock.close()
 
 
-def restore_latest(store, template, fallback: bool, say, check):
-    """The newest checkpoint; with `fallback`, the newest intact one when newer ones are corrupt.
-
-    `check(meta)` runs before the arrays are read, so a changed setting is named as such.
+def newest_intact(store, fallback: bool, check, load):
+    """(step, load(step)) of the newest checkpoint; with `fallback`, of the newest intact one
+    when newer ones are damaged (each set aside). `check(meta)` runs before `load`, so a changed
+    setting is named as such.
     """
     from cnn_jax.checkpoint import CheckpointError, OtherNetwork
 
     for step in reversed(store.steps()):
         try:
             check(store.read_meta(step))
-            return store.restore(step, template)
+            return step, load(step)
         except OtherNetwork:
             raise  # not damage: setting it aside and training afresh would hide the cause
         except CheckpointError as e:

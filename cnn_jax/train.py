@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
-from cnn_jax import backend, files, parallel
+from cnn_jax import backend, distributed, files, parallel
 from cnn_jax import callbacks as cb
 from cnn_jax import data as data_lib
 from cnn_jax.callbacks import (
@@ -68,6 +68,7 @@ def fit(
     tested and returned in `metrics`); without, the last.
     """
     run = _prepare(config, dataset)
+    verbose = verbose and distributed.is_main()  # one process speaks (and writes) for the run
     say = print if verbose else (lambda *a, **k: None)
     with contextlib.ExitStack() as resources:  # closed however the run ends
         loop = cb.Loop(config, run.trainer, run.steps_per_epoch)
@@ -141,17 +142,20 @@ def _open_run(loop, run, dataset, workdir, resources, restart, fallback, say):
         return state, position
     files.refuse_inside(workdir, config.data, "the data folder", "--workdir")
     # The fingerprint hashes every pixel: only runs that checkpoint need it.
-    store = RunStore(workdir, config, run.metrics["num_classes"], data_fingerprint(dataset),
+    fingerprint = data_fingerprint(dataset)
+    distributed.check_same("data", fingerprint)
+    store = RunStore(workdir, config, run.metrics["num_classes"], fingerprint,
                      run.steps_per_epoch)  # fmt: skip
     loop.store = resources.enter_context(contextlib.closing(store))
-    resumed = store.resume(state, restart, fallback, say)
+    resumed = store.resume(state, restart, fallback)
     if resumed is not None:
         _check_epochs_left(resumed.position, config, store.workdir)
         state, position, loop.epochs = run.trainer.place(resumed.state), *resumed[1:]
         say(f"resuming {store.workdir} from step {position.global_step(run.steps_per_epoch)} "
             f"(epoch {position.epoch + 1}, step {position.step_in_epoch})")  # fmt: skip
-    config.write(store.workdir / "config.json")
-    loop.scalars = resources.enter_context(contextlib.closing(Scalars(store.workdir)))
+    if distributed.is_main():
+        config.write(store.workdir / "config.json")
+        loop.scalars = resources.enter_context(contextlib.closing(Scalars(store.workdir)))
     return state, position
 
 
@@ -281,7 +285,7 @@ def _finish(loop, run, state, pick, stuck, step_ms) -> dict:
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         warnings=[stuck.warning] if stuck.warning else [],
     )
-    if loop.store is not None:
+    if loop.store is not None and distributed.is_main():
         metrics["checkpoints"] = str(loop.store.directory)
         files.write_whole(loop.store.workdir / "metrics.json", strict_json(metrics) + "\n")
     return metrics
@@ -335,6 +339,8 @@ def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
         "platform": device.platform,
         "device_kind": device.device_kind,
         "devices": trainer.mesh.size,
+        "processes": distributed.count(),
+        "devices_per_process": trainer.mesh.size // distributed.count(),
         "steps_per_call": trainer.steps_per_call,
         "precision": config.precision,
         "deterministic": backend.repeats(device.platform, trainer.deterministic),

@@ -4,6 +4,7 @@
     python scripts/bench.py ../shared/data/gtsrb          # the numbers in BENCHMARKS.md
     python scripts/bench.py --quick                       # synthetic data, seconds
     python scripts/bench.py ../shared/data/gtsrb --recipe # Model 3, augmentation, ensembles
+    python scripts/bench.py --processes [DATA]            # 1 process x 2 devices vs 2 x 1
 
 Training: in one process, alternating rounds of `--steps` JAX steps (the jitted step that
 `cnn-jax train` runs, each waited for with block_until_ready) and Keras `model.fit` over the same
@@ -191,7 +192,17 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
     p.add_argument("--load-only", action="store_true", help="only the data loading")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="only 1 process x 2 devices against 2 processes x 1 (bench_processes.py)",
+    )
     args = p.parse_args()
+    if args.processes:
+        import bench_processes  # beside this script
+
+        bench_processes.main(args.data)
+        return
     if args.load_only:
         print(_load_line(bench_loading(Path(args.data).resolve())))
         return

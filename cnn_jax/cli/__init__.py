@@ -9,7 +9,7 @@ import threading
 import traceback
 
 from cnn_jax import signals
-from cnn_jax.cli import commands, options, train
+from cnn_jax.cli import commands, launch, options, train
 from cnn_jax.errors import UserError
 
 COMMANDS = {
@@ -19,6 +19,7 @@ COMMANDS = {
     "info": commands.info,
     "pack": commands.pack,
     "report": commands.report,
+    "launch": launch.command,
 }
 
 

@@ -6,6 +6,7 @@ import importlib.metadata
 
 from cnn_jax import backend
 from cnn_jax import config as config_lib
+from cnn_jax.cli import launch
 from cnn_jax.config import Config
 
 
@@ -94,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     _report_options(command("report", report + "matrix, the worst mistakes, config and timings"))
     _pack_options(command("pack", "decode a data folder into one compressed .npz for train and "
                           "evaluate"))  # fmt: skip
+    launch.add_options(command("launch", "run a command as N local processes joined as one run "
+                               "(try multi-process training on one machine)"))  # fmt: skip
     # Commands from other packages (keras_ref's import-keras and export-keras): cnn_jax itself
     # never imports them; they register through this entry-point group.
     for entry in importlib.metadata.entry_points(group="cnn_jax.commands"):
@@ -116,6 +119,43 @@ def _train_options(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--save-every", type=int, help="also save a checkpoint every N steps")
     t.add_argument("--log-every", type=int, default=100, help="TensorBoard scalars every N steps")
+    _process_options(t.add_argument_group("several processes (hosts) as one run"))
+
+
+def _process_options(g) -> None:
+    """How a process joins the others of a multi-process run (runtime settings: a run may
+    resume on another number of processes)."""
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address, reachable by all ($CNN_JAX_COORDINATOR)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="how many processes the run has ($CNN_JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process's number, 0 to N-1 ($CNN_JAX_PROCESS_ID)",
+    )
+    g.add_argument(
+        "--distributed",
+        choices=["auto"],
+        help="auto: join as jax.distributed detects (SLURM, Open MPI, TPU pods)",
+    )
+    g.add_argument(
+        "--join-timeout",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every process to join",
+    )
+    g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                   help="seconds after which a silent process counts as lost")  # fmt: skip
 
 
 def _checkpoint_commands(command) -> None:

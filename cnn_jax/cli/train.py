@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnn_jax import backend, signals
+from cnn_jax import backend, distributed, signals
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax.cli.options import given_settings
@@ -39,8 +39,9 @@ def command(args) -> int:
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
         cfg = _config(args)
+        _join(args)  # before anything touches the backend
         backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
-    verbose = not args.quiet
+    verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     signals.check()  # nothing trains after a signal that came while loading
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -60,6 +61,11 @@ def command(args) -> int:
         except Diverged as e:
             print(f"cnn-jax train: error: {e}", file=sys.stderr)
             return DIVERGED_EXIT
+        except (RuntimeError, ValueError) as e:  # JaxRuntimeError, or orbax's, from a collective
+            if not distributed.lost_peer(e):
+                raise
+            print(f"cnn-jax train: error: {distributed.peer_lost(e, workdir)}", file=sys.stderr)
+            return distributed.PEER_LOST_EXIT
         except Interrupted as e:
             print(f"cnn-jax train: interrupted: {e}", file=sys.stderr)
             print(f"to resume: cnn-jax train ... --workdir {workdir}", file=sys.stderr)
@@ -75,8 +81,17 @@ def command(args) -> int:
             f"{n_test:,} test images, median {ms:.2f} ms/step"
         )
         print(f"run folder: {workdir.resolve()}")
-    print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
+    if distributed.is_main():
+        print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
+
+
+def _join(args) -> None:
+    """Joins the run's other processes, when there are any (distributed.py)."""
+    given = distributed.settings(args.coordinator, args.num_processes, args.process_id)
+    if (given or args.distributed) and not args.workdir:
+        raise UserError("a run of several processes needs --workdir, on storage all of them reach")
+    distributed.join(given, args.distributed == "auto", args.join_timeout, args.heartbeat_timeout)
 
 
 def _config(args) -> Config:
@@ -130,6 +145,8 @@ class _StopOnSignal:
         self.signum = signals.RECEIVED[-1] if signals.RECEIVED else None
 
     def __call__(self) -> bool:
+        # Every process asks at the same step, so that all of them stop there together.
+        self.signum = distributed.first_signal(self.signum)
         return self.signum is not None
 
     def _handle(self, signum, frame):
