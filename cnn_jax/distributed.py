@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn_jax.errors import UserError
+from cnn_jax.files import SHARED
 
 # For launchers that set the environment rather than the command line (a Kubernetes Indexed
 # Job's JOB_COMPLETION_INDEX, say); the options win.
@@ -159,7 +160,7 @@ def check_shared(folder: Path) -> None:
     of them together, into one folder on storage every process reaches."""
     if count() == 1:
         return
-    token = Path(folder) / ".processes"
+    token = Path(folder) / SHARED
     if is_main():
         token.write_text(secrets.token_hex(8))
     barrier("cnn-jax: run folder written")

@@ -11,6 +11,7 @@ from pathlib import Path
 from cnn_jax.errors import UserError
 
 LOCK = ".lock"
+SHARED = ".processes"  # distributed.check_shared's token: every process of a run must read it
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -61,7 +62,7 @@ def check_run_folder(workdir: Path) -> None:
     elif (workdir / "checkpoints").is_dir() or config.exists():
         return
     else:
-        foreign = sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
+        foreign = sorted(p.name for p in workdir.iterdir() if p.name not in (LOCK, SHARED))
     if foreign:
         shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise UserError(
