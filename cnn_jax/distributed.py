@@ -37,7 +37,7 @@ def lost_peer(e: BaseException) -> bool:
     return count() > 1 and any(text in str(e) for text in _PEER_LOST)
 
 
-def peer_lost(e: BaseException, workdir) -> str:
+def peer_lost_message(e: BaseException, workdir) -> str:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return (
         f"another process of the run is gone ({why}); this one stops too: start them all "
@@ -141,16 +141,22 @@ def first_signal(local: int | None) -> int | None:
     return int(got.min()) if len(got) else None
 
 
+def _first_differing(data: bytes) -> int | None:
+    """The first process whose `data` (its first 16 bytes, zero-padded) is not process 0's;
+    None when every process holds the same. (Process 0's token is never empty: it has just
+    written it.)"""
+    every = _gather(np.frombuffer(data.ljust(16, b"\0")[:16], np.uint8))
+    return next((i for i, d in enumerate(every) if not np.array_equal(d, every[0])), None)
+
+
 def check_same(what: str, digest: str) -> None:
     """Refuses to go on when the processes hold different `what` (their data, say)."""
     if count() == 1:
         return
-    mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint8)
-    every = _gather(mine)
-    differ = [i for i, d in enumerate(every) if not np.array_equal(d, every[0])]
-    if differ:
+    differ = _first_differing(bytes.fromhex(digest))
+    if differ is not None:
         raise UserError(
-            f"process {differ[0]} holds other {what} than process 0: every process must load "
+            f"process {differ} holds other {what} than process 0: every process must load "
             "the same data folder, with the same options"
         )
 
@@ -164,11 +170,9 @@ def check_shared(folder: Path) -> None:
     if is_main():
         token.write_text(secrets.token_hex(8))
     barrier("cnn-jax: run folder written")
-    seen = token.read_text() if token.is_file() else ""
-    every = _gather(np.frombuffer(seen.encode().ljust(16, b"\0")[:16], np.uint8))
-    differ = [i for i, s in enumerate(every) if not np.array_equal(s, every[0]) or not s.any()]
-    if differ:
+    differ = _first_differing(token.read_text().encode() if token.is_file() else b"")
+    if differ is not None:
         raise UserError(
-            f"process {differ[0]} does not see the run folder {folder} as process 0 wrote it: "
+            f"process {differ} does not see the run folder {folder} as process 0 wrote it: "
             "give a --workdir on storage every process reaches (a shared file system)"
         )

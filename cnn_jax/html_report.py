@@ -219,8 +219,9 @@ def read_config(run: Path) -> dict:
 def write_report(run: Path, out: Path, compare: list[Path], tested, force=False) -> Path:
     """The report of `run` into `out`. `tested` holds the run's test split as the checkpoint
     sees it: images, labels and probabilities. `force` replaces a file that is not a report."""
-    runs = {Path(f).resolve().name: read_metrics(f, f == run)["epochs"] for f in [run, *compare]}
     metrics, config = read_metrics(run), read_config(run)
+    runs = {run.resolve().name: metrics["epochs"]}
+    runs.update({Path(f).resolve().name: read_metrics(f, whole=False)["epochs"] for f in compare})
     plt = _pyplot()
     num_classes = metrics["num_classes"]
     predictions = tested.probabilities.argmax(1)

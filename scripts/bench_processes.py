@@ -9,12 +9,13 @@ imports JAX and lists its devices.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cnn_jax.cli.launch import free_port
 
 JOIN = """
 import os, sys, time
@@ -28,17 +29,11 @@ print(time.time() - float(os.environ["T0"]))
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def join_seconds(processes: int) -> float:
     """From starting `processes` Python processes to the end of their first barrier (the
     slowest one's), or to JAX's device list for one process."""
     env = dict(os.environ, T0=str(time.time()), JAX_PLATFORMS="cpu")
-    port = _port()
+    port = free_port()
     args = [[] if processes == 1 else [f"127.0.0.1:{port}", str(processes), str(i)]
             for i in range(processes)]  # fmt: skip
     procs = [subprocess.Popen([sys.executable, "-c", JOIN, *a], env=env, text=True,

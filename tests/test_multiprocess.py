@@ -4,7 +4,6 @@ the same parameters as one process over as many devices, one writer, one stop, n
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from cnn_jax.cli.launch import free_port
+
 pytestmark = pytest.mark.slow
 
 RUN = ["train", "--epochs", "2", "--synthetic-per-class", "10", "--platform", "cpu",
        "--save-every", "4", "--quiet"]  # fmt: skip
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(workdir, index, count, port, *extra, devices=1):
@@ -35,7 +30,7 @@ def _start(workdir, index, count, port, *extra, devices=1):
 
 
 def _processes(workdir, count=2, *extra, devices=1):
-    port = _port()
+    port = free_port()
     return [_start(workdir, i, count, port, *extra, devices=devices) for i in range(count)]
 
 
@@ -148,7 +143,7 @@ def test_a_process_that_dies_ends_the_others_with_one_line(tmp_path):
 
 
 def test_a_run_folder_the_processes_do_not_share_is_refused(tmp_path):
-    port = _port()
+    port = free_port()
     procs = [_start(tmp_path / f"local{i}" / "run", i, 2, port) for i in range(2)]
     results = _finish(procs)
     for code, _, err in results:

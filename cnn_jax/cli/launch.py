@@ -37,17 +37,18 @@ def add_options(p) -> None:
         metavar="-- COMMAND",
         help="the cnn-jax command each process runs, e.g. -- train DATA --workdir R",
     )
-    # fmt: skip
 
 
 def command(args) -> int:
     if not 1 <= args.num_processes <= 64:
         raise UserError(f"-n must be 1 to 64 processes, not {args.num_processes}")
-    if not [a for a in args.cnn_jax_args if a != "--"]:
-        raise UserError("give the command to run after --, e.g. -- train DATA --workdir runs/x")
     if args.devices_per_process < 1:
         raise UserError(f"--devices-per-process must be at least 1, not {args.devices_per_process}")
-    children = [_start(args, i, _free_port()) for i in range(args.num_processes)]
+    command = [a for a in args.cnn_jax_args if a != "--"]
+    if not command:
+        raise UserError("give the command to run after --, e.g. -- train DATA --workdir runs/x")
+    port = free_port()  # the coordinator's, process 0's
+    children = [_start(args, command, i, port) for i in range(args.num_processes)]
     forward = lambda signum, frame: [c.send_signal(signum) for c in children if c.poll() is None]  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -60,20 +61,14 @@ def command(args) -> int:
                 c.kill()
 
 
-_port = None
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 when asked."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _free_port() -> int:
-    """One port for the whole launch: the coordinator's, free on 127.0.0.1 when asked."""
-    global _port
-    if _port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            _port = s.getsockname()[1]
-    return _port
-
-
-def _start(args, index: int, port: int) -> subprocess.Popen:
+def _start(args, command: list[str], index: int, port: int) -> subprocess.Popen:
     env = dict(
         os.environ,
         CNN_JAX_COORDINATOR=f"127.0.0.1:{port}",
@@ -81,7 +76,6 @@ def _start(args, index: int, port: int) -> subprocess.Popen:
         CNN_JAX_PROCESS_ID=str(index),
         JAX_NUM_CPU_DEVICES=str(args.devices_per_process),
     )
-    command = [a for a in args.cnn_jax_args if a != "--"]
     return subprocess.Popen([sys.executable, "-m", "cnn_jax", *command], env=env)
 
 

@@ -64,7 +64,8 @@ def command(args) -> int:
         except (RuntimeError, ValueError) as e:  # JaxRuntimeError, or orbax's, from a collective
             if not distributed.lost_peer(e):
                 raise
-            print(f"cnn-jax train: error: {distributed.peer_lost(e, workdir)}", file=sys.stderr)
+            why = distributed.peer_lost_message(e, workdir)
+            print(f"cnn-jax train: error: {why}", file=sys.stderr)
             return distributed.PEER_LOST_EXIT
         except Interrupted as e:
             print(f"cnn-jax train: interrupted: {e}", file=sys.stderr)

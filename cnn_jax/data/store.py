@@ -162,9 +162,8 @@ def load_folder(
     if use_cache:
         key = _cache_key(root, files, layout, image_size, decoder)
         cache = Path(cache_dir or default_cache_dir())
-        refuse_inside(
-            cache, root, "the data folder", "--cache-dir"
-        )  # a cache there would load as an image
+        # a cache file there would load as one more (unreadable) image
+        refuse_inside(cache, root, "the data folder", "--cache-dir")
         cache_path = cache.resolve() / f"{layout}-{key}.npz"
         if cache_path.is_file() and (ds := _read_cache(cache_path)) is not None:
             return ds
