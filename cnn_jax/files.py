@@ -14,13 +14,16 @@ LOCK = ".lock"
 SHARED = ".processes"  # distributed.check_shared's token: every process of a run must read it
 
 
-def write_whole(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file beside it: a signal, a kill or a full disk
-    leaves the earlier file (or none), never half of one."""
+def write_whole(path: Path, content: str | bytes) -> None:
+    """`content` into `path` through a temporary file beside it: a signal, a kill or a full
+    disk leaves the earlier file (or none), never half of one."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(text)
+        if isinstance(content, bytes):
+            partial.write_bytes(content)
+        else:
+            partial.write_text(content)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -67,7 +67,7 @@ class Tested(NamedTuple):
     checkpoint: str
 
 
-def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
+def evaluation_data(restored: Restored, data_dir, layout, cache_dir):
     """(dataset, indices, words): every image of `data_dir`, or the run's own test split."""
     cfg = restored.config
     if data_dir is None and restored.meta.imported_from:
@@ -102,23 +102,29 @@ def _evaluation_data(restored: Restored, data_dir, layout, cache_dir):
     return ds, idx, source
 
 
-def probabilities_on(restored: Restored, data_dir=None, layout="auto", cache_dir=None) -> Tested:
-    """The checkpoint's probabilities for every image of `data_dir`, or its run's test split."""
-    ds, idx, source = _evaluation_data(restored, data_dir, layout, cache_dir)
-    images, batch = ds.images[idx], EVAL_BATCH
+def probabilities(restored: Restored, images: np.ndarray) -> np.ndarray:
+    """The checkpoint's softmax outputs for uint8 images, in padded batches."""
+    batch = EVAL_BATCH
     padded = np.concatenate([images, np.zeros((-len(images) % batch, *images.shape[1:]), np.uint8)])
-    probabilities = np.concatenate([
+    return np.concatenate([
         np.asarray(restored.predictor.probabilities(restored.params, padded[i : i + batch]))
         for i in range(0, len(padded), batch)
     ])[: len(images)]  # fmt: skip
-    return Tested(images, ds.labels[idx], probabilities, source, str(restored.directory))
+
+
+def probabilities_on(restored: Restored, data_dir=None, layout="auto", cache_dir=None) -> Tested:
+    """The checkpoint's probabilities for every image of `data_dir`, or its run's test split."""
+    ds, idx, source = evaluation_data(restored, data_dir, layout, cache_dir)
+    images = ds.images[idx]
+    return Tested(images, ds.labels[idx], probabilities(restored, images), source,
+                  str(restored.directory))  # fmt: skip
 
 
 def evaluate_checkpoint(
     restored: Restored, data_dir=None, layout="auto", cache_dir=None
 ) -> dict[str, Any]:
     """Every image of `data_dir`, or without one the run's own test split, evaluated."""
-    ds, idx, source = _evaluation_data(restored, data_dir, layout, cache_dir)
+    ds, idx, source = evaluation_data(restored, data_dir, layout, cache_dir)
     ev = evaluate(restored.predictor, restored.params, ds.images[idx], ds.labels[idx])
     ev.pop("predictions")
     return {

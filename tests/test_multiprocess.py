@@ -46,14 +46,17 @@ def _finish(procs, timeout=300):
     return out
 
 
-def _wait_for_a_checkpoint(workdir, timeout=120) -> None:
+def _wait_for_training(workdir, timeout=120) -> None:
+    """Until process 0 writes config.json: after the barrier that every process passes with
+    its stop handler set, before the first step compiles. A signal sent then always lands
+    while the run trains (the first checkpoint came too close to the end on a busy machine)."""
     deadline = time.monotonic() + timeout
-    folder = Path(workdir) / "checkpoints"
+    config = Path(workdir) / "config.json"
     while time.monotonic() < deadline:
-        if folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir()):
+        if config.is_file():
             return
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint in {folder} after {timeout} s")
+        time.sleep(0.01)
+    raise AssertionError(f"no {config} after {timeout} s")
 
 
 def _digest(workdir) -> str:
@@ -104,7 +107,10 @@ def test_only_process_0_writes_and_prints(two_processes):
                                         "metrics.json"}  # fmt: skip
     (_, out0, _), (_, out1, err1) = results
     ours = lambda text: [x for x in text.splitlines() if not x.startswith("[Gloo]")]  # noqa: E731
-    assert ours(out0) == [out0.strip().splitlines()[-1]] and out0.strip().endswith("0.0930")
+    from cnn_jax.report import test_line
+
+    metrics = _metrics(workdir)  # one line: the run's test line
+    assert ours(out0) == [test_line(metrics["test_loss"], metrics["test_accuracy"])], out0
     assert ours(out1) == [] and ours(err1) == []  # gloo's own line when it connects aside
 
 
@@ -113,7 +119,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_
     of processes restores (the launcher's test goes the other way, from one to two)."""
     workdir = tmp_path / "run"
     procs = _processes(workdir)
-    _wait_for_a_checkpoint(workdir)  # the first --save-every one: both are training
+    _wait_for_training(workdir)
     procs[1].send_signal(signal.SIGTERM)
     results = _finish(procs)
     assert [code for code, _, _ in results] == [143, 143], results
@@ -130,7 +136,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_
 def test_a_process_that_dies_ends_the_others_with_one_line(tmp_path):
     workdir = tmp_path / "run"
     procs = _processes(workdir)
-    _wait_for_a_checkpoint(workdir)
+    _wait_for_training(workdir)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.monotonic()
     (code, _, err), _ = _finish(procs, timeout=120)

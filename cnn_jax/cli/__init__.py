@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": commands.predict,
     "info": commands.info,
     "pack": commands.pack,
+    "export": commands.export,
     "report": commands.report,
     "launch": launch.command,
 }

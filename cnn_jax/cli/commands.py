@@ -104,6 +104,30 @@ def _check_report_out(out: Path, run: Path, args) -> None:
         check_out(out)
 
 
+def export(args) -> int:
+    from cnn_jax.export import Request, export, sidecar_path
+
+    request = Request(args.format, args.quantize, args.batch, args.data, args.check_images,
+                      args.force)  # fmt: skip
+    sidecar = export(args.checkpoint, args.out, request, args.cache_dir)
+    if args.json:
+        print(strict_json(sidecar))
+        return 0
+    check, kind = (
+        sidecar["self_check"],
+        sidecar["format"] + (f" {sidecar['quantize']}" if sidecar["quantize"] else ""),
+    )
+    print(
+        f"wrote {args.out} ({kind}, {sidecar['bytes'] / 1e6:.2f} MB) and {sidecar_path(args.out)}"
+    )
+    print(
+        f"self-check on {check['images']} ({check['n']:,} images): largest difference "
+        f"{check['max_abs_difference']:.2g}, top-1 agreement {check['top1_agreement']:.2%}, "
+        f"accuracy {check['accuracy']:.4f} (checkpoint {check['checkpoint_accuracy']:.4f})"
+    )
+    return 0
+
+
 def pack(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":

@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     _checkpoint_commands(command)
     report = "one self-contained HTML page of a run: curves, per-class accuracy, confusion "
     _report_options(command("report", report + "matrix, the worst mistakes, config and timings"))
+    _export_options(command("export", "a checkpoint as a file other runtimes run (jax.export, "
+                            "TFLite, ONNX), checked in that runtime first"))  # fmt: skip
     _pack_options(command("pack", "decode a data folder into one compressed .npz for train and "
                           "evaluate"))  # fmt: skip
     launch.add_options(command("launch", "run a command as N local processes joined as one run "
@@ -192,6 +194,24 @@ def _report_options(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     rp.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
     rp.add_argument("--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's")
+
+
+def _export_options(ex: argparse.ArgumentParser) -> None:
+    from cnn_jax.export.formats import FORMATS, QUANTIZE
+
+    ex.add_argument("checkpoint", help="a run folder (its best checkpoint) or a step's folder")
+    ex.add_argument("out", help="the file to write (.jax, .tflite or .onnx), and OUT.json beside")
+    ex.add_argument("--format", choices=FORMATS, help="none: from OUT's suffix")
+    ex.add_argument("--quantize", choices=sorted({q for qs in QUANTIZE.values() for q in qs}),
+                    help="smaller weights (tflite: float16 or int8; onnx: int8), calibrated "
+                    "on training images")  # fmt: skip
+    ex.add_argument("--batch", type=int, default=1, help="tflite and onnx: the static batch size")
+    ex.add_argument("--data", help="check on this folder or .npz instead of the run's test split")
+    ex.add_argument("--check-images", type=int, metavar="N",
+                    help="check on a seeded sample of N images; none: all")  # fmt: skip
+    ex.add_argument("--force", action="store_true", help="replace an existing OUT and OUT.json")
+    ex.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
+    ex.add_argument("--json", action="store_true", help="print the sidecar instead of a summary")
 
 
 def _pack_options(pk: argparse.ArgumentParser) -> None:
