@@ -177,3 +177,13 @@ def test_a_bug_is_exit_1_with_its_traceback_not_bad_input(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "an internal inconsistency" in err
     assert err.strip().splitlines()[-1].startswith("cnn-jax train: internal error:")
+
+
+def test_building_the_options_imports_no_jax():
+    """`cnn-jax --help` stays fast, and a signal while options are parsed never lands inside
+    JAX's import (it once aborted the process: an export module imported JAX at the top)."""
+    code = (
+        "import sys; from cnn_jax.cli import options; options.parser()\n"
+        "assert not {'jax', 'tensorflow'} & set(sys.modules), 'imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -229,18 +229,18 @@ def _ensemble(k, **kw):
 
 def test_an_ensemble_of_identical_members_equals_one_member(small):
     one_trainer, one = steps.create_trainer(STRONG, 43, 1)
-    trainer, _ = steps.create_trainer(_ensemble(3), 43, 1)
-    stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 3), tree)  # noqa: E731
+    trainer, _ = steps.create_trainer(_ensemble(2), 43, 1)
+    stack = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 2), tree)  # noqa: E731
     state = trainer.place(stack(one))
     images, labels = trainer.place((small.images, small.labels))
     order = trainer.place(np.arange(64, dtype=np.int32))
-    state = trainer.train_step(state, images, labels, order, 64, 0, np.zeros(3, np.int32))
+    state = trainer.train_step(state, images, labels, order, 64, 0, np.zeros(2, np.int32))
     one = one_trainer.train_step(one, images, labels, order, 64, 0, 0)
     # The same seed draws the same augmentation and dropout: members stay equal, bit for bit,
     # and the batched step computes what one network's does (Adam's first steps turn float
     # rounding in tiny gradients into lr-sized differences, so the loss is compared).
     for leaf in jax.tree.leaves(state.weights):
-        assert all(np.array_equal(leaf[0], leaf[m]) for m in (1, 2))
+        assert np.array_equal(leaf[0], leaf[1])
     # The batched program reorders the sums of the single one (numerics.py): same function.
     assert state.metrics[0] == pytest.approx(np.asarray(one.metrics), rel=SAME_FUNCTION)
     member = jax.tree.map(lambda a: a[0], state.weights)

@@ -12,8 +12,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.errors import UserError
@@ -22,6 +20,7 @@ FORMATS = ("jax", "tflite", "onnx")
 SUFFIXES = {"jax": ".jax", "tflite": ".tflite", "onnx": ".onnx"}
 QUANTIZE = {"tflite": ("float16", "int8"), "onnx": ("int8",), "jax": ()}
 EXTRAS = {"tflite": "tflite", "onnx": "onnx"}  # the pip extra each format needs
+# (JAX is imported inside the functions: `cnn-jax --help` builds its options from this module.)
 ONNX_OPSET = 17
 
 
@@ -37,6 +36,8 @@ def _need(module: str, fmt: str):
 
 def jax_bytes(fn: Callable, image_size: int) -> bytes:
     """jax.export's serialized artifact, for any batch size."""
+    import jax
+    import jax.numpy as jnp
     from jax import export
 
     shape = (*export.symbolic_shape("batch"), image_size, image_size, 3)
@@ -47,6 +48,7 @@ def jax_bytes(fn: Callable, image_size: int) -> bytes:
 
 
 def jax_runner(data: bytes) -> Callable:
+    import jax
     from jax import export
 
     call = jax.jit(export.deserialize(bytearray(data)).call)  # traced once per batch shape
