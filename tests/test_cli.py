@@ -187,3 +187,24 @@ def test_building_the_options_imports_no_jax():
         "assert not {'jax', 'tensorflow'} & set(sys.modules), 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_signal_while_the_processes_agree_is_kept_for_the_next_step(monkeypatch):
+    """The processes' agreement on a stop blocks until all have asked: a signal handled then
+    was erased by the answer (no process had one when asked), and the run trained on."""
+    import signal
+
+    from cnn_jax import distributed, signals
+    from cnn_jax.cli.train import _StopOnSignal
+
+    monkeypatch.setattr(signals, "RECEIVED", [])  # none from other tests in this process
+    stop = _StopOnSignal()
+
+    def agree_while_a_signal_comes(local):
+        stop._handle(signal.SIGTERM, None)  # handled while waiting for the others
+        return local  # what every process had when asked: nothing
+
+    monkeypatch.setattr(distributed, "first_signal", agree_while_a_signal_comes)
+    assert stop() is False  # this step's answer
+    monkeypatch.setattr(distributed, "first_signal", lambda local: local)
+    assert stop() is True and stop.signum == signal.SIGTERM  # the next step stops

@@ -146,9 +146,13 @@ class _StopOnSignal:
         self.signum = signals.RECEIVED[-1] if signals.RECEIVED else None
 
     def __call__(self) -> bool:
-        # Every process asks at the same step, so that all of them stop there together.
-        self.signum = distributed.first_signal(self.signum)
-        return self.signum is not None
+        # Every process asks at the same step, so that all of them stop there together. A
+        # signal that comes while the others are asked (a multi-process run waits there most
+        # of the time) is kept for the next step: assigning the answer would erase it.
+        agreed = distributed.first_signal(self.signum)
+        if agreed is not None:
+            self.signum = agreed
+        return agreed is not None
 
     def _handle(self, signum, frame):
         signals.RECEIVED.append(signum)
