@@ -102,14 +102,20 @@ def evaluation_data(restored: Restored, data_dir, layout, cache_dir):
     return ds, idx, source
 
 
+def in_batches(run, images: np.ndarray, batch: int) -> np.ndarray:
+    """`run` over every image in batches of `batch`, the last padded with black images (one
+    shape for a compiled function or a static-batch runtime), the padding's rows dropped."""
+    padded = np.concatenate(
+        [images, np.zeros((-len(images) % batch, *images.shape[1:]), images.dtype)]
+    )
+    outputs = [np.asarray(run(padded[i : i + batch])) for i in range(0, len(padded), batch)]
+    return np.concatenate(outputs)[: len(images)]
+
+
 def probabilities(restored: Restored, images: np.ndarray) -> np.ndarray:
     """The checkpoint's softmax outputs for uint8 images, in padded batches."""
-    batch = EVAL_BATCH
-    padded = np.concatenate([images, np.zeros((-len(images) % batch, *images.shape[1:]), np.uint8)])
-    return np.concatenate([
-        np.asarray(restored.predictor.probabilities(restored.params, padded[i : i + batch]))
-        for i in range(0, len(padded), batch)
-    ])[: len(images)]  # fmt: skip
+    run = lambda batch: restored.predictor.probabilities(restored.params, batch)  # noqa: E731
+    return in_batches(run, images, EVAL_BATCH)
 
 
 def probabilities_on(restored: Restored, data_dir=None, layout="auto", cache_dir=None) -> Tested:

@@ -22,8 +22,8 @@ import numpy as np
 
 from cnn_jax.data import scale_pixels
 from cnn_jax.errors import UserError
-from cnn_jax.export import Request, export, formats, run_all
-from cnn_jax.inference import evaluation_data, load_checkpoint, probabilities
+from cnn_jax.export import Request, export, formats
+from cnn_jax.inference import evaluation_data, in_batches, load_checkpoint
 
 KINDS = [("jax", None), ("tflite", None), ("tflite", "float16"), ("tflite", "int8"),
          ("onnx", None), ("onnx", "int8")]  # fmt: skip
@@ -40,8 +40,8 @@ def latency_ms(run, image, calls=300) -> float:
 
 
 def throughput(run, images, batch=256, rounds=3) -> float:
-    run_all(run, images[:batch], batch)
-    best = min(_timed(lambda: run_all(run, images, batch)) for _ in range(rounds))
+    in_batches(run, images[:batch], batch)
+    best = min(_timed(lambda: in_batches(run, images, batch)) for _ in range(rounds))
     return len(images) / best
 
 
@@ -100,7 +100,7 @@ def bench_keras(restored, images, labels, tmp: Path) -> None:
     lite = tf.lite.TFLiteConverter.from_keras_model(net).convert()
     (tmp / "keras.tflite").write_bytes(lite)
     one = formats.tflite_runner(lite)
-    accuracy = np.mean(run_all(one, x, 1).argmax(1) == labels)
+    accuracy = np.mean(in_batches(one, x, 1).argmax(1) == labels)
     print(row("keras tflite", len(lite), latency_ms(one, x[:1]), float("nan")) +
           f"  accuracy {accuracy:.4f}", flush=True)  # fmt: skip
     try:
@@ -109,7 +109,7 @@ def bench_keras(restored, images, labels, tmp: Path) -> None:
         print(f"keras onnx: export failed: {type(e).__name__}: {str(e)[:200]}")
         return
     run = formats.onnx_runner((tmp / "keras.onnx").read_bytes())
-    accuracy = np.mean(run_all(run, x, 256).argmax(1) == labels)
+    accuracy = np.mean(in_batches(run, x, 256).argmax(1) == labels)
     print(row("keras onnx", (tmp / "keras.onnx").stat().st_size, latency_ms(run, x[:1]),
               throughput(run, x)) + f"  accuracy {accuracy:.4f}", flush=True)  # fmt: skip
 
@@ -123,9 +123,12 @@ def main() -> None:
     ds, idx, source = evaluation_data(restored, None, "auto", None)
     images, labels = ds.images[idx], ds.labels[idx]
     print(f"{args.run}: model {restored.config.model}, {len(labels):,} images of {source}")
-    ours = lambda batch: probabilities(restored, batch)  # noqa: E731
     predictor = lambda b: np.asarray(restored.predictor.probabilities(restored.params, b))  # noqa: E731
-    print(row("cnn-jax predictor", 0, latency_ms(predictor, images[:1]), throughput(ours, images)))
+    print(
+        row(
+            "cnn-jax predictor", 0, latency_ms(predictor, images[:1]), throughput(predictor, images)
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bench_formats(args.run, images, Path(tmp))
         if not args.no_keras:

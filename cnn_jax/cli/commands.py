@@ -113,10 +113,8 @@ def export(args) -> int:
     if args.json:
         print(strict_json(sidecar))
         return 0
-    check, kind = (
-        sidecar["self_check"],
-        sidecar["format"] + (f" {sidecar['quantize']}" if sidecar["quantize"] else ""),
-    )
+    check = sidecar["self_check"]
+    kind = " ".join(filter(None, [sidecar["format"], sidecar["quantize"]]))
     print(
         f"wrote {args.out} ({kind}, {sidecar['bytes'] / 1e6:.2f} MB) and {sidecar_path(args.out)}"
     )

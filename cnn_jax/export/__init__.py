@@ -117,21 +117,12 @@ def _build(restored, fmt: str, r: Request, calibration: np.ndarray):
     return formats.onnx_bytes(formats.tflite_bytes(fn, shape), r.quantize, batches), shape
 
 
-def run_all(run, images: np.ndarray, batch: int | None) -> np.ndarray:
-    """`run` over every image, in batches of `batch` (the last padded; None: 256 at a time)."""
-    step = batch or 256
-    pad = -len(images) % step if batch else 0
-    padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    outputs = [np.asarray(run(padded[i : i + step])) for i in range(0, len(padded), step)]
-    return np.concatenate(outputs)[: len(images)]
-
-
 def _self_check(restored, fmt, artifact, shape, images, labels, quantize, source) -> dict:
     """The artifact in its own runtime against the predictor, on the same images."""
-    from cnn_jax.inference import probabilities
+    from cnn_jax.inference import EVAL_BATCH, in_batches, probabilities
 
     expected = probabilities(restored, images)
-    got = run_all(formats.RUNNERS[fmt](artifact), images, shape[0])
+    got = in_batches(formats.RUNNERS[fmt](artifact), images, shape[0] or EVAL_BATCH)
     agree = float(np.mean(got.argmax(1) == expected.argmax(1)))
     figures = {
         "images": source,

@@ -6,6 +6,7 @@ converts that TFLite graph with tf2onnx and runs in onnxruntime. Both take a sta
 (batch 1 is what ran fast on TFLite: a symbolic one made a graph 17x slower).
 """
 
+import importlib
 import os
 import tempfile
 import warnings
@@ -26,7 +27,7 @@ ONNX_OPSET = 17
 
 def _need(module: str, fmt: str):
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError as e:
         package = module.split(".")[0]
         raise UserError(
