@@ -59,3 +59,16 @@ def augment(key: jax.Array, images: jax.Array, strengths: Strengths) -> jax.Arra
     """Float32 images in 0..255 (uint8 or float NHWC in), each changed at random."""
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: _one(k, x, strengths))(keys, images.astype(jnp.float32))
+
+
+# Test-time augmentation's changes: geometric only and half the training defaults' reach. A
+# view's change is the same for every image (its key is the view's), so an image's prediction
+# does not depend on the batch it came in.
+TTA_STRENGTHS = Strengths(rotate=7.5, scale=0.05, shear=0.05, shift=0.05, brightness=0, contrast=0)
+
+
+def views(images: jax.Array, count: int, strengths: Strengths = TTA_STRENGTHS) -> jax.Array:
+    """(count, batch, h, w, c) float32 copies of the images, copy v changed by view v's draw."""
+    images = images.astype(jnp.float32)
+    keys = jax.random.split(jax.random.key(0), count)
+    return jax.vmap(lambda k: jax.vmap(lambda x: _one(k, x, strengths))(images))(keys)

@@ -211,6 +211,13 @@ class Config:
         high=64,
         resume=True,
     )
+    distill_from: str | None = setting(
+        None,
+        "a trained run (an ensemble, say) whose probabilities for each training image are the "
+        "targets instead of the labels (label smoothing then does not apply); it must have "
+        "trained on no image of this run's test or validation split",
+        resume=True,
+    )
     val_size: float = setting(
         0.0,
         "fraction of the training side held out for validation (whole tracks with --split "
@@ -238,7 +245,10 @@ class Config:
         None, "where to train; none: JAX's default backend", choices=PLATFORMS
     )
     devices: int | None = setting(
-        None, "data-parallel over N devices of the platform; none: all", low=1
+        None,
+        "data-parallel over N devices of the platform; none: all (on CPU, Model 3 gets one "
+        "device per core, the others one: backend.split_cpu)",
+        low=1,
     )
     steps_per_call: int | str = setting(
         "auto",

@@ -1,8 +1,9 @@
 """`cnn-jax report`: one self-contained HTML page about a run, its plots drawn by matplotlib.
 
-Curves per epoch (with other runs on the same axes), per-class accuracy, the confusion matrix,
-the worst mistakes on the test split, and what the run was: config, versions, device, timings.
-The images are embedded PNGs, so the file opens offline and can be mailed.
+Curves per epoch (with other runs on the same axes), per-class accuracy, the worst classes and
+tracks with what they were taken for, the confusion matrix, the worst mistakes on the test
+split, and what the run was: config, versions, device, timings. The images are embedded PNGs,
+so the file opens offline and can be mailed.
 """
 
 import base64
@@ -17,8 +18,9 @@ import numpy as np
 from cnn_jax.data.signs import sign_name
 from cnn_jax.errors import UserError
 from cnn_jax.files import write_whole
+from cnn_jax.worst import worst_classes, worst_tracks
 
-SECTIONS = ("curves", "per-class", "confusion", "mistakes", "run")
+SECTIONS = ("curves", "per-class", "worst", "confusion", "mistakes", "run")
 # What marks a page as a report of ours, so that writing one replaces only an earlier report
 # (earlier versions' reports: by their title).
 GENERATOR = '<meta name="generator" content="cnn-jax report">'
@@ -94,6 +96,30 @@ def _per_class(plt, labels, predictions, num_classes) -> str:
     ax.set_xlabel("test accuracy")
     ax.grid(axis="x", alpha=0.3)
     return _img(_png(fig), "per-class accuracy")
+
+
+def _worst(labels, predictions, paths) -> str:
+    classes = worst_classes(labels, predictions)
+    tracks = worst_tracks(paths, labels, predictions)
+    if not classes:
+        return "<p>No test image is misclassified.</p>"
+    parts = [_failing_table("class", classes)]
+    if tracks:
+        parts.append(_failing_table("track (class/track: the 30 photos of one sign)", tracks))
+    return "".join(parts)
+
+
+def _failing_table(what: str, items) -> str:
+    head = f"<tr><th>{html.escape(what)}</th><th>sign</th><th>images</th><th>accuracy</th>"
+    head += "<th>taken for (images)</th></tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(f.name)}</td><td>{html.escape(sign_name(f.label))}</td>"
+        f"<td>{f.images}</td><td>{f.accuracy:.3f}</td><td>"
+        + html.escape("; ".join(f"{sign_name(c)} ({c}): {n}" for c, n in f.taken_for[:3]))
+        + "</td></tr>"
+        for f in items
+    )
+    return f"<table>{head}{rows}</table>"
 
 
 def _confusion(plt, labels, predictions, num_classes) -> str:
@@ -230,6 +256,8 @@ def write_report(run: Path, out: Path, compare: list[Path], tested, force=False)
         "curves": ("Loss and accuracy per epoch", _curves(plt, runs)),
         "per-class": ("Test accuracy per class",
                       _per_class(plt, tested.labels, predictions, num_classes)),
+        "worst": ("The worst classes and tracks of the test split, and what they were taken for",
+                  _worst(tested.labels, predictions, tested.paths)),
         "confusion": ("Confusion matrix (rows: true class, as shares)",
                       _confusion(plt, tested.labels, predictions, num_classes)),
         "mistakes": ("The most confident mistakes on the test split",

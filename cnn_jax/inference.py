@@ -37,9 +37,16 @@ class Restored:
         return count_params(nnx.merge(self.predictor.graphdef, self.params)) // self.config.ensemble
 
 
-def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
+# Test-time views beyond this gain nothing measurable and multiply the time.
+MAX_TTA = 32
+
+
+def load_checkpoint(path: Path | str, platform: str | None = None, tta: int = 1) -> Restored:
     """A run folder (its best checkpoint), its checkpoints/ folder, or one step's folder, on
-    `platform`'s devices (JAX's default backend's when None)."""
+    `platform`'s devices (JAX's default backend's when None); `tta` views averaged per image
+    (augment.views)."""
+    if not 1 <= tta <= MAX_TTA:
+        raise UserError(f"--tta must be between 1 and {MAX_TTA}, not {tta}")
     store, step = locate(path)
     meta = store.read_meta(step)
     try:
@@ -51,6 +58,7 @@ def load_checkpoint(path: Path | str, platform: str | None = None) -> Restored:
     # Restored onto this machine's devices, whatever the run trained on (a GPU, 8 devices).
     local = dataclasses.replace(config, platform=platform, devices=None)
     predictor, template = abstract_state(local, meta.num_classes)
+    predictor = dataclasses.replace(predictor, tta=tta)
     state, meta = store.restore(step, template)
     store.close()
     params = predictor.place(state.weights)  # the optimizer's arrays are dropped here
@@ -65,6 +73,7 @@ class Tested(NamedTuple):
     probabilities: np.ndarray  # (images, classes); an ensemble's mean
     source: str  # what the images are, in words
     checkpoint: str
+    paths: np.ndarray  # the images' files, relative to the data folder
 
 
 def evaluation_data(restored: Restored, data_dir, layout, cache_dir):
@@ -123,7 +132,7 @@ def probabilities_on(restored: Restored, data_dir=None, layout="auto", cache_dir
     ds, idx, source = evaluation_data(restored, data_dir, layout, cache_dir)
     images = ds.images[idx]
     return Tested(images, ds.labels[idx], probabilities(restored, images), source,
-                  str(restored.directory))  # fmt: skip
+                  str(restored.directory), ds.paths[idx])  # fmt: skip
 
 
 def evaluate_checkpoint(

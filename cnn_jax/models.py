@@ -42,6 +42,17 @@ class Conv3x3(nnx.Conv):
         )
         return nnx.relu(ops.max_pool_2x2(z) + bias)
 
+    def same(self, x: jax.Array) -> jax.Array:
+        """Keras' Conv2D(3x3, "same"), no bias. XLA's own convolution is given the padding:
+        padding first and convolving "valid" made Model 3's step 1.3-1.4x slower on a 2-core
+        CPU (BENCHMARKS.md). The matmul form needs the padded input."""
+        if self.conv_general_dilated is ops.conv3x3_matmul:
+            return self(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+        x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layers:
@@ -53,8 +64,10 @@ class _Layers:
     # matmul convolution in training; XLA's own convolution runs Keras' order faster, as it
     # fuses the bias and ReLU into the convolution (inference: 18k vs 11k images/s on CPU).
     pool_first: bool = False
+    # Model 3's first convolution (3 input channels): None is `conv`.
+    first_conv: Callable | None = None
 
-    def conv3x3(self, in_features, out_features, rngs, use_bias=True) -> Conv3x3:
+    def conv3x3(self, in_features, out_features, rngs, use_bias=True, conv=None) -> Conv3x3:
         # Keras Conv2D pads "valid"; nnx.Conv defaults to 'SAME'. The tuple keeps the kernel 2-D.
         return Conv3x3(
             in_features,
@@ -64,7 +77,7 @@ class _Layers:
             use_bias=use_bias,
             kernel_init=_KERNEL_INIT,
             bias_init=_BIAS_INIT,
-            conv_general_dilated=self.conv,
+            conv_general_dilated=conv or self.conv,
             dtype=self.dtype,
             rngs=rngs,
         )
@@ -177,9 +190,11 @@ class Model3(nnx.Module):
         # The creation order fixes which weights a seed draws; it is the order the README's
         # figures were measured with: each block's first convolution, the head, then the
         # blocks' second convolutions.
+        first = [layers.first_conv] + [None] * (len(ins) - 1)
         self.convs = nnx.List(
-            [layers.conv3x3(a, b, rngs, use_bias=False) for a, b in zip(ins, self.WIDTHS)]
-        )
+            [layers.conv3x3(a, b, rngs, use_bias=False, conv=f)
+             for a, b, f in zip(ins, self.WIDTHS, first)]
+        )  # fmt: skip
         self.norms = nnx.List([_batch_norm(b, layers, rngs) for b in self.WIDTHS])
         side = image_size
         for _ in self.WIDTHS:
@@ -200,11 +215,7 @@ class Model3(nnx.Module):
         running = dropout_key is None
         for block in zip(self.convs, self.norms, self.convs2, self.norms2):
             for conv, norm in (block[:2], block[2:]):
-                x = conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))  # "same", for either conv
-                rows = (
-                    None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
-                )
-                x = nnx.relu(norm(x, use_running_average=running, mask=rows))
+                x = nnx.relu(ops.batch_norm(norm, conv.same(x), not running, mask))
             x = ops.max_pool_2x2(x)
         x = nnx.relu(self.dense1(_flatten(x)))
         return self.logits(self.dropout(x, deterministic=running, rngs=dropout_key))
@@ -237,8 +248,15 @@ def create_model(
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    first = None
+    if model == 3 and conv == "auto":
+        # Model 3 on CPU: XLA's own convolution for its "same" layers, the matmul form for the
+        # first (3 input channels), where XLA's forward and gradients took 4.7x as long.
+        conv = "lax"
+        first = ops.resolve_conv("auto", platform)
     conv_fn = ops.resolve_conv(conv, platform)
-    layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul)
+    layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul,
+                     first_conv=first)  # fmt: skip
     if model not in MODELS:
         raise UserError(f"unknown model {model!r}: choose one of {', '.join(map(str, MODELS))}")
     if image_size < min_image_size(model):

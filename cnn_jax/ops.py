@@ -8,6 +8,7 @@ values are those of `lax.conv_general_dilated` up to float rounding (tests/test_
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 from cnn_jax.config import CONVS
@@ -78,3 +79,26 @@ def _pool_grad(x, g):
 
 
 max_pool_2x2.defvjp(lambda x: (_pool(x), x), lambda x, g: (_pool_grad(x, g).astype(x.dtype),))
+
+
+def batch_norm(norm: nnx.BatchNorm, x: jax.Array, training: bool, mask=None) -> jax.Array:
+    """`norm`'s batch normalisation of NHWC `x`: in training with the batch's statistics of the
+    rows `mask` marks (all without one), updating the running ones; else with those.
+
+    The statistics as Flax computes them (mean of x and of x squared, biased variance), but
+    summed per image first and weighted by the mask after: Flax's masked form, a mask
+    broadcast to the activations, took a quarter of Model 3's training step on CPU.
+    """
+    if training:
+        xs = x.astype(jnp.float32)
+        rows = jnp.ones(x.shape[0], jnp.float32) if mask is None else mask.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(rows), 1.0) * x.shape[1] * x.shape[2]
+        mean = rows @ jnp.sum(xs, axis=(1, 2)) / count
+        var = jnp.maximum(rows @ jnp.sum(jnp.square(xs), axis=(1, 2)) / count - mean**2, 0.0)
+        m = norm.momentum
+        norm.mean[...] = m * norm.mean[...] + (1 - m) * mean
+        norm.var[...] = m * norm.var[...] + (1 - m) * var
+    else:
+        mean, var = norm.mean[...], norm.var[...]
+    scale = norm.scale[...] * lax.rsqrt(var + norm.epsilon)
+    return (x * scale + (norm.bias[...] - mean * scale)).astype(x.dtype)

@@ -22,7 +22,7 @@ from cnn_jax import data as data_lib
 from cnn_jax.config import Config
 from cnn_jax.models import create_model
 from cnn_jax.optim import create_optimizer
-from cnn_jax.predictor import TRACE_COUNTS, Predictor, batch_of, compile_fn
+from cnn_jax.predictor import TRACE_COUNTS, Predictor, batch_of, compile_fn, for_each_member
 
 # The seed's independent random streams, as big_vision splits its seed: the initial weights,
 # dropout, and a slot for data augmentation. One key drawn from the seed would give the k-th
@@ -71,11 +71,14 @@ class TrainState(NamedTuple):
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array, smoothing: float = 0.0
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, smoothing: float = 0.0, targets=None
 ) -> jax.Array:
     """Weighted mean categorical cross-entropy on logits (Keras: softmax + crossentropy), with
-    `smoothing` of the one-hot targets spread evenly over the classes."""
-    if smoothing:
+    `smoothing` of the one-hot targets spread evenly over the classes; given `targets`
+    (probabilities per class: a teacher's), against them instead of the labels."""
+    if targets is not None:
+        losses = optax.softmax_cross_entropy(logits, targets)
+    elif smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
     else:
@@ -174,14 +177,18 @@ class Trainer:
     def _train_step(self, state, images, labels, order, n, i, seed):
         TRACE_COUNTS["train_step"] += 1
         idx, weights = batch_of(order, i, self.batch_size, n)
+        # A distilled run's labels come with its teacher's probabilities (distill.py).
+        labels, targets = labels if isinstance(labels, tuple) else (labels, None)
         # Each device computes its slice of the batch; XLA sums the gradients across devices.
         x, y, weights = self.predictor.shard(images[idx], labels[idx], weights)
+        if targets is not None:
+            (targets,) = self.predictor.shard(targets[idx])
         if self.members:  # every member on the same batch, each from its own seed
-            step = jax.vmap(self._member_step, in_axes=(0, None, None, None, 0))
-            return step(state, x, y, weights, seed)
-        return self._member_step(state, x, y, weights, seed)
+            step = lambda s, k: self._member_step(s, x, y, weights, k, targets)  # noqa: E731
+            return for_each_member(self.platform, step, state, seed)
+        return self._member_step(state, x, y, weights, seed, targets)
 
-    def _member_step(self, state, x, y, weights, seed):
+    def _member_step(self, state, x, y, weights, seed, targets=None):
         """One network's update on a batch; `seed` draws its dropout and augmentation."""
         if self.augment is not None:
             x = augment_lib.augment(step_key(seed, "augment", state.step), x, self.augment)
@@ -191,7 +198,7 @@ class Trainer:
         # made them (and their gradient, zero, costs nothing).
         def loss_fn(params, batch_stats):
             logits, batch_stats = self.apply(params, x, key, batch_stats, weights > 0)
-            loss = cross_entropy(logits, y, weights, self.label_smoothing)
+            loss = cross_entropy(logits, y, weights, self.label_smoothing, targets)
             return loss, (logits, batch_stats)
 
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)

@@ -15,9 +15,10 @@ Loading: cnn_jax's loader without cache (cold, alternating with the tutorial's s
 cv2.imread + cv2.resize loop, best of 3 each) and from its cache (warm). The operating
 system's file cache is warm for all three: nothing here can drop it.
 
---recipe (JAX only): ms per training step of Model 3 under `--recipe strong` (32x32, batch 64)
-with augmentation off and on, and of ensembles of 2-4 members against one, medians after a
-warm-up epoch of `--steps` steps.
+--recipe: ms per training step of Model 3 under `--recipe strong` (32x32, batch 64) with
+augmentation off and on, and of ensembles of 2-4 members against one, medians after a warm-up
+epoch of `--steps` steps; beside each, Keras' Model 3 at the same settings (one network; with
+augmentation, Keras' own random layers in front of it), alternating round by round.
 """
 
 import argparse
@@ -35,7 +36,7 @@ import numpy as np
 
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import data as data_lib
-from cnn_jax.config import Config, with_recipe
+from cnn_jax.config import Config, Strengths, with_recipe
 from cnn_jax.data.synthetic import make_synthetic
 from cnn_jax.steps import create_trainer
 from cnn_jax.train import train_epoch
@@ -53,16 +54,58 @@ def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4)) -> list[dic
             images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
             order = np.arange(steps * cfg.batch_size)
             seeds = np.arange(k, dtype=np.int32) if k > 1 else 0
-            ms = []
-            for r in range(rounds + 1):  # round 0 compiles
+            keras_fit = _keras_recipe(ds, train_idx, steps, augment)
+            ms, keras_ms = [], []
+            for r in range(rounds + 1):  # round 0 compiles, both sides
                 state, round_ms, _ = train_epoch(trainer, state, images, labels, order, seeds)
                 ms += round_ms if r else []
-            rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms)})
+                keras_ms += keras_fit()[1:] if r else []  # a fit's first batch sets it up
+            rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
+                         "keras_ms_per_step": statistics.median(keras_ms)})  # fmt: skip
             print(f"recipe model 3  members {k}  augment {'on ' if augment else 'off'}  "
                   f"{rows[-1]['ms_per_step']:7.1f} ms/step  "
                   f"{rows[-1]['ms_per_step'] / rows[0]['ms_per_step']:.2f}x one network "
-                  "without augmentation", flush=True)  # fmt: skip
+                  f"without augmentation;  Keras' Model 3, one network, augment "
+                  f"{'on ' if augment else 'off'} {rows[-1]['keras_ms_per_step']:7.1f} ms/step",
+                  flush=True)  # fmt: skip
     return rows
+
+
+def _keras_recipe(ds, train_idx, steps, augment):
+    """A Keras Model 3 at the recipe's settings (32x32, standard pixels, batch 64, Adam), with
+    Keras' own random layers in front for augmentation (rotation, zoom, shear, shift,
+    brightness, contrast, as --augment): a function running one timed `fit` of `steps`."""
+    net = create_model(3, 32)
+    if augment:
+        s = Strengths()
+        layers = [
+            keras.layers.RandomRotation(s.rotate / 360, fill_mode="nearest"),
+            keras.layers.RandomZoom(s.scale, fill_mode="nearest"),
+            keras.layers.RandomShear(s.shear, s.shear, fill_mode="nearest"),
+            keras.layers.RandomTranslation(s.shift, s.shift, fill_mode="nearest"),
+            keras.layers.RandomBrightness(s.brightness, value_range=(0, 255)),
+            keras.layers.RandomContrast(s.contrast, value_range=(0, 255)),
+            keras.layers.Lambda(tf_standardize),
+        ]
+        net = keras.Sequential([keras.Input((32, 32, 3)), *layers, net])
+    net.compile(optimizer=keras.optimizers.Adam(2e-3), loss="categorical_crossentropy")
+    n = steps * 64
+    x = ds.images[train_idx][:n].astype(np.float32)
+    x = x if augment else data_lib.scale_pixels(x, "standard")
+    y = keras.utils.to_categorical(ds.labels[train_idx][:n], 43)
+
+    def fit():
+        timer = StepTimer()
+        net.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[timer])
+        return timer.ms
+
+    return fit
+
+
+def tf_standardize(x):
+    import tensorflow as tf
+
+    return tf.image.per_image_standardization(x)
 
 
 def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1):
@@ -194,6 +237,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="synthetic data, few steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
+    p.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help="with --recipe: the ensemble sizes")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
     p.add_argument(
         "--processes",
@@ -215,7 +260,7 @@ def main() -> None:
         need = args.steps * 64
         train_idx = np.resize(np.arange(len(ds.labels)), need)
         print(json.dumps(machine()))
-        bench_recipe(ds, train_idx, args.steps, args.rounds)
+        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members)
         return
     if args.quick:
         args.steps, args.rounds = 5, 1

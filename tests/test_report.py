@@ -5,6 +5,7 @@ import html.parser
 import io
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -59,6 +60,7 @@ def test_report_has_every_section_and_every_image_decodes(tmp_path, capsys):
     for words in ("version of jax", "version of orbax-checkpoint", "median step", "cpu"):
         assert words in text
     assert "the test split of the synthetic signs: accuracy" in text
+    assert "taken for (images)" in text  # two epochs on six images a class leave mistakes
     assert main(args) == 0  # a report replaces its own earlier page
     assert out.read_text().startswith("<!DOCTYPE html>") and not list(tmp_path.glob(".*partial"))
 
@@ -91,3 +93,28 @@ def test_report_of_an_unfinished_run_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no metrics.json" in err
+
+
+def test_worst_classes_and_tracks_name_the_failing_signs_and_what_they_were_taken_for():
+    from cnn_jax.worst import worst_classes, worst_tracks
+
+    # Class 1's track 00002 is read as class 2 four times in five; its track 00003 and class 0
+    # are right; one image of class 2 goes to class 0.
+    labels = np.array([0] * 4 + [1] * 10 + [2] * 5)
+    paths = np.array([f"0/00000_0000{i}.png" for i in range(4)]
+                     + [f"1/00002_0000{i}.png" for i in range(5)]
+                     + [f"1/00003_0000{i}.png" for i in range(5)]
+                     + [f"2/extra{i}.png" for i in range(5)])  # fmt: skip
+    predictions = labels.copy()
+    predictions[[4, 5, 6, 7]] = 2
+    predictions[14] = 0
+    classes = worst_classes(labels, predictions)
+    assert [(f.name, f.images, f.accuracy, f.taken_for) for f in classes] == [
+        ("1", 10, 0.6, [(2, 4)]),
+        ("2", 5, 0.8, [(0, 1)]),
+    ]
+    tracks = worst_tracks(paths, labels, predictions)
+    # the class-2 files are not named as tracks; the perfect tracks are not listed
+    assert [(f.name, f.label, f.images, f.accuracy, f.taken_for) for f in tracks] == [
+        ("1/00002", 1, 5, 0.2, [(2, 4)])
+    ]

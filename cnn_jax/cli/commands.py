@@ -15,7 +15,10 @@ def evaluate(args) -> int:
     from cnn_jax.inference import evaluate_checkpoint, load_checkpoint
 
     result = evaluate_checkpoint(
-        load_checkpoint(args.checkpoint, args.platform), args.data, args.layout, args.cache_dir
+        load_checkpoint(args.checkpoint, args.platform, args.tta),
+        args.data,
+        args.layout,
+        args.cache_dir,
     )
     if args.json:
         print(strict_json(result))
@@ -36,7 +39,7 @@ def evaluate(args) -> int:
 def predict(args) -> int:
     from cnn_jax.inference import load_checkpoint, predict_files
 
-    restored = load_checkpoint(args.checkpoint, args.platform)
+    restored = load_checkpoint(args.checkpoint, args.platform, args.tta)
     results = predict_files(restored, args.images, args.top_k)
     failed = 0
     for path, top, members in results:
@@ -83,7 +86,7 @@ def report(args) -> int:
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
     tested = probabilities_on(
-        load_checkpoint(run, args.platform), args.data, args.layout, args.cache_dir
+        load_checkpoint(run, args.platform, args.tta), args.data, args.layout, args.cache_dir
     )
     out = html_report.write_report(run, out, [Path(c) for c in args.compare], tested, args.force)
     print(f"wrote {out}")

@@ -171,6 +171,7 @@ def _checkpoint_commands(command) -> None:
             p.add_argument(
                 "--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's default"
             )
+            _tta_option(p)
         return p
 
     e = reads_checkpoint("evaluate", "loss and accuracy (overall and per class) of a checkpoint")
@@ -181,6 +182,13 @@ def _checkpoint_commands(command) -> None:
     pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
     pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
     reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
+
+
+def _tta_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="test-time augmentation: average N views of each image, the image "
+                   "and N-1 slightly turned, scaled and shifted copies (1: the image "
+                   "alone)")  # fmt: skip
 
 
 def _report_options(rp: argparse.ArgumentParser) -> None:
@@ -194,6 +202,7 @@ def _report_options(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     rp.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
     rp.add_argument("--platform", choices=backend.PLATFORMS, help="where to run; none: JAX's")
+    _tta_option(rp)
 
 
 def _export_options(ex: argparse.ArgumentParser) -> None:

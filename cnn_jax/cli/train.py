@@ -39,6 +39,8 @@ def command(args) -> int:
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
         cfg = _config(args)
+        if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
+            backend.split_cpu(cfg.model, cfg.batch_size)  # before JAX starts
         _join(args)  # before anything touches the backend
         backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
     verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
@@ -85,6 +87,12 @@ def command(args) -> int:
     if distributed.is_main():
         print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
+
+
+def _joining(args) -> bool:
+    """Whether the run spans several processes (each then has the CPU devices it was given)."""
+    given = distributed.settings(args.coordinator, args.num_processes, args.process_id)
+    return bool(given or args.distributed)
 
 
 def _join(args) -> None:

@@ -17,12 +17,15 @@ def track_groups(paths: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
     Files not named that way form a group of their own.
     """
-    keys = []
-    for i, (p, y) in enumerate(zip(paths, labels)):
-        m = _TRACK_NAME.match(os.path.basename(str(p)))
-        keys.append(f"{y}/{m.group(1)}" if m else f"file/{i}")
+    keys = [track_name(p, y) or f"file/{i}" for i, (p, y) in enumerate(zip(paths, labels))]
     _, groups = np.unique(np.asarray(keys), return_inverse=True)
     return groups
+
+
+def track_name(path, label) -> str | None:
+    """'class/track' for a GTSRB TTTTT_IIIII file name, None for any other name."""
+    m = _TRACK_NAME.match(os.path.basename(str(path)))
+    return f"{label}/{m.group(1)}" if m else None
 
 
 def split_indices(

@@ -1,0 +1,58 @@
+"""Distillation: a network trained on a teacher's probabilities instead of the labels.
+
+An ensemble's averaged probabilities say which classes an image resembles ("80 km/h, a little
+like 30 km/h"); a single network trained on them keeps much of the ensemble's accuracy at one
+network's cost, and exports as one. The targets are the teacher's outputs for each training
+image as it is; augmentation then changes what the student sees, not what it aims for.
+"""
+
+import numpy as np
+
+from cnn_jax.config import Config
+from cnn_jax.data import Dataset, split_run
+from cnn_jax.errors import UserError
+
+
+def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int) -> np.ndarray:
+    """The teacher run's float32 probabilities for the training images, (n_train, classes).
+
+    Refused unless the teacher saw the same images at the same size and left every image of
+    this run's validation and test splits out of its own training: a teacher that learnt the
+    test images would carry them into the student's figures.
+    """
+    from cnn_jax import inference  # JAX and the checkpoint library: only when distilling
+    from cnn_jax.run_store import data_fingerprint
+
+    teacher = inference.load_checkpoint(config.distill_from, config.platform)
+    _check_same_inputs(config, teacher, num_classes)
+    fingerprint = teacher.meta.data_fingerprint
+    if fingerprint is not None and fingerprint != data_fingerprint(dataset):
+        raise UserError(
+            f"{config.distill_from} was trained on other images (its data's fingerprint "
+            "differs): a teacher must have seen this run's data"
+        )
+    teacher_train, _, _ = split_run(teacher.config, dataset)
+    train, val, test = indices
+    seen = np.isin(np.concatenate([val, test]), teacher_train)
+    if seen.any():
+        raise UserError(
+            f"{config.distill_from} trained on {int(seen.sum())} images of this run's "
+            "validation and test splits: give this run the teacher's --split, --test-size, "
+            "--val-size and --seed"
+        )
+    return inference.probabilities(teacher, dataset.images[train]).astype(np.float32)
+
+
+def _check_same_inputs(config: Config, teacher, num_classes: int) -> None:
+    t = teacher.config
+    for name in ("image_size", "decoder"):
+        if getattr(t, name) != getattr(config, name):
+            raise UserError(
+                f"{config.distill_from} was trained with {name} {getattr(t, name)}, this run "
+                f"has {getattr(config, name)}: a teacher must see the images as the student does"
+            )
+    if teacher.meta.num_classes != num_classes:
+        raise UserError(
+            f"{config.distill_from} knows {teacher.meta.num_classes} classes, this run "
+            f"{num_classes}"
+        )
