@@ -17,7 +17,8 @@ system's file cache is warm for all three: nothing here can drop it.
 
 --recipe: ms per training step of Model 3 under `--recipe strong` (32x32, batch 64) with
 augmentation off and on, and of ensembles of 2-4 members against one, medians after a warm-up
-epoch of `--steps` steps; beside each, Keras' Model 3 at the same settings (one network; with
+epoch of `--steps` steps, on `--cpu-devices` CPU devices (1 unless given); beside each,
+Keras' Model 3 at the same settings (one network; with
 augmentation, Keras' own random layers in front of it), alternating round by round.
 """
 
@@ -44,11 +45,11 @@ from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 
 
-def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4)) -> list[dict]:
+def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4), devices=1) -> list[dict]:
     rows = []
     for k in members:
         for augment in (False, True) if k == 1 else (True,):
-            cfg = with_recipe("strong", model=3, ensemble=k, augment=augment, devices=1,
+            cfg = with_recipe("strong", model=3, ensemble=k, augment=augment, devices=devices,
                               platform="cpu")  # fmt: skip
             trainer, state = create_trainer(cfg, 43, steps)
             images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
@@ -62,7 +63,8 @@ def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4)) -> list[dic
                 keras_ms += keras_fit()[1:] if r else []  # a fit's first batch sets it up
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
                          "keras_ms_per_step": statistics.median(keras_ms)})  # fmt: skip
-            print(f"recipe model 3  members {k}  augment {'on ' if augment else 'off'}  "
+            print(f"recipe model 3  devices {devices}  members {k}  "
+                  f"augment {'on ' if augment else 'off'}  "
                   f"{rows[-1]['ms_per_step']:7.1f} ms/step  "
                   f"{rows[-1]['ms_per_step'] / rows[0]['ms_per_step']:.2f}x one network "
                   f"without augmentation;  Keras' Model 3, one network, augment "
@@ -239,6 +241,9 @@ def main() -> None:
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="with --recipe: the ensemble sizes")  # fmt: skip
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="with --recipe: JAX's CPU devices (cnn-jax train's default for Model 3 "
+                   "is one per core)")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
     p.add_argument(
         "--processes",
@@ -255,12 +260,13 @@ def main() -> None:
         print(_load_line(bench_loading(Path(args.data).resolve())))
         return
     if args.recipe:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         need = args.steps * 64
         train_idx = np.resize(np.arange(len(ds.labels)), need)
         print(json.dumps(machine()))
-        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members)
+        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members, args.cpu_devices)
         return
     if args.quick:
         args.steps, args.rounds = 5, 1
