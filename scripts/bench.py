@@ -18,8 +18,8 @@ system's file cache is warm for all three: nothing here can drop it.
 --recipe: ms per training step of Model 3 under `--recipe strong` (32x32, batch 64) with
 augmentation off and on, and of ensembles of 2-4 members against one, medians after a warm-up
 epoch of `--steps` steps, on `--cpu-devices` CPU devices (1 unless given); beside each,
-Keras' Model 3 at the same settings (one network; with
-augmentation, Keras' own random layers in front of it), alternating round by round.
+Keras' Model 3 at the same settings (one network; with augmentation, Keras' own random layers
+in front of it), alternating round by round.
 """
 
 import argparse
