@@ -1,9 +1,9 @@
 """Random geometric and photometric changes of training images, on the device inside the step.
 
-Each image gets its own small random affine map (rotation, scaling, shear, translation) and
-brightness and contrast change, drawn from a key the step derives from the run's seed and the
-global step, so a resumed run draws the same changes. No mirror flips: a left-turn sign
-mirrored is a right-turn sign, another class.
+Each image gets its own small random affine map (rotation, scaling, shear, translation),
+brightness and contrast change and, when asked for, blur and pixel noise, drawn from a key the
+step derives from the run's seed and the global step, so a resumed run draws the same changes.
+No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
 at a time: dm-pix's `affine_transform` gives the same values (to 3e-5 of 255) but interpolates
@@ -49,10 +49,36 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
         [ndimage.map_coordinates(image[..., c], coords, order=1, mode="nearest")
          for c in range(channels)], axis=-1,
     )  # fmt: skip
+    # Blur and noise draw from keys of their own, so that the changes above stay as they were
+    # for runs saved before these two existed; at strength 0 they are left out of the program.
+    k_blur, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+    if s.blur:
+        image = _blur(image, jax.random.uniform(k_blur, (), maxval=s.blur))
     mean = jnp.mean(image)
     factor = 1.0 + jax.random.uniform(k_contrast, (), minval=-s.contrast, maxval=s.contrast)
     delta = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness) * 255.0
-    return jnp.clip((image - mean) * factor + mean + delta, 0.0, 255.0)
+    image = (image - mean) * factor + mean + delta
+    if s.noise:
+        spread = jax.random.uniform(k_noise, (), maxval=s.noise) * 255.0
+        k_pixels = jax.random.fold_in(k_noise, 1)
+        image = image + spread * jax.random.normal(k_pixels, image.shape)
+    return jnp.clip(image, 0.0, 255.0)
+
+
+BLUR_RADIUS = 3  # taps each side: the kernel reaches 1.5 sigma at the largest blur, 2
+
+
+def _blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
+    """A separable Gaussian blur of an HWC image, edges repeated; sigma 0 leaves it as it is."""
+    taps = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=jnp.float32)
+    weights = jnp.where(sigma > 0, jnp.exp(-0.5 * (taps / jnp.maximum(sigma, 1e-6)) ** 2),
+                        (taps == 0).astype(jnp.float32))  # fmt: skip
+    weights = weights / weights.sum()
+    r = BLUR_RADIUS
+    padded = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    rows = sum(weights[i] * padded[i : i + h] for i in range(2 * r + 1))
+    return sum(weights[i] * rows[:, i : i + w] for i in range(2 * r + 1))
 
 
 def augment(key: jax.Array, images: jax.Array, strengths: Strengths) -> jax.Array:

@@ -104,6 +104,15 @@ class Strengths:
     contrast: float = setting(
         0.2, "largest contrast change: the spread about the mean times 1 ± it", low=0, below=1
     )
+    blur: float = setting(
+        0.0, "largest Gaussian blur, its sigma in pixels (0: none)", low=0, high=2
+    )
+    noise: float = setting(
+        0.0,
+        "largest Gaussian pixel noise, its spread as a fraction of full scale (0: none)",
+        low=0,
+        high=0.5,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

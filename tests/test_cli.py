@@ -25,6 +25,22 @@ def test_train_on_synthetic_data(tmp_path, capsys):
     assert out.strip().splitlines()[-1].startswith("test: loss ")
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert out.strip().endswith(f"accuracy {metrics['test_accuracy']:.4f}")
+    # The synthetic signs come in tracks too, and a random split mixes each one's photos.
+    assert "note: the random split put photos of the same physical signs" in out
+    assert "chosen by validation" not in out
+
+
+def test_the_epoch_chosen_by_validation_is_named_above_the_test_line(tmp_path, capsys):
+    args = ["train", "--epochs", "2", "--synthetic-per-class", "20", "--val-size", "0.25"]
+    args += ["--split", "track", "--workdir", str(tmp_path / "r"), "--platform", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    chosen = f"epoch {metrics['selected_epoch']}, chosen by validation accuracy"
+    assert out.strip().splitlines()[-2] == (
+        f"model: {chosen} {metrics['val_accuracy']:.4f} (0.25 of the training side)"
+    )
+    assert "note: the random split" not in out
 
 
 def test_train_on_a_folder_reports_skipped_files(cs50_folder, tmp_path, capsys):
@@ -40,6 +56,8 @@ def test_train_on_a_folder_reports_skipped_files(cs50_folder, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "skipped 3 unreadable files" in out and "skipped 1/notes.txt" in out
+    # GTSRB file names: a random split mixes each track's photos, and the output says so.
+    assert "note: the random split put photos of the same physical signs" in out
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert len(metrics["skipped_files"]) == 3 and metrics["num_classes"] == 3
 

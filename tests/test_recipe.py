@@ -67,6 +67,38 @@ def test_augmentation_of_zero_strength_is_the_identity():
     np.testing.assert_allclose(out, images, atol=1e-3)
 
 
+def test_blur_and_noise_change_images_and_leave_the_other_draws_as_they_were():
+    images = _images()
+    key = jax.random.key(5)
+    plain = np.asarray(augment.augment(key, images, augment.Strengths()))
+    blurred = np.asarray(augment.augment(key, images, augment.Strengths(blur=2.0)))
+    noisy = np.asarray(augment.augment(key, images, augment.Strengths(noise=0.2)))
+    # Random pixels blurred lose differences between neighbours (each image by its own sigma,
+    # drawn from 0..2); noise adds to them.
+    rough = lambda x: np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
+    assert (
+        np.all(rough(blurred) <= rough(plain)) and rough(blurred).mean() < 0.7 * rough(plain).mean()
+    )
+    assert np.all(rough(noisy) > rough(plain))
+    assert 0 <= noisy.min() and noisy.max() <= 255
+    # Without photometric changes, blurring is the last thing done: the geometric draw is the
+    # one a run without blur makes (runs saved before blur existed resume unchanged).
+    still = augment.Strengths(brightness=0, contrast=0)
+    moved = augment.augment(key, images, still)
+    both = np.asarray(augment.augment(key, images, dataclasses.replace(still, blur=1.0)))
+    for k, one, got in zip(jax.random.split(key, len(images)), moved, both):
+        sigma = jax.random.uniform(jax.random.split(jax.random.fold_in(k, 1))[0], (), maxval=1.0)
+        np.testing.assert_allclose(got, np.asarray(augment._blur(one, sigma)), atol=1e-3)
+
+
+def test_a_blur_of_sigma_zero_is_the_identity_and_keeps_a_flat_image_flat():
+    images = _images().astype(np.float32)
+    for one in images:
+        np.testing.assert_array_equal(np.asarray(augment._blur(one, jnp.float32(0))), one)
+    flat = np.full((30, 30, 3), 77.0, np.float32)
+    np.testing.assert_allclose(np.asarray(augment._blur(flat, jnp.float32(1.5))), flat, rtol=1e-6)
+
+
 def test_augmentation_never_mirrors():
     # A left-right gradient image: a flip would turn its column means around.
     ramp = np.broadcast_to(np.linspace(0, 255, 30)[None, :, None], (30, 30, 3))

@@ -11,6 +11,7 @@ from cnn_jax import data as data_lib
 from cnn_jax.cli.options import given_settings
 from cnn_jax.config import Config
 from cnn_jax.data import load_configured
+from cnn_jax.data.splits import track_name
 from cnn_jax.errors import UserError
 from cnn_jax.report import test_line
 
@@ -84,9 +85,26 @@ def command(args) -> int:
             f"{n_test:,} test images, median {ms:.2f} ms/step"
         )
         print(f"run folder: {workdir.resolve()}")
+        for line in _reading_notes(cfg, ds, metrics):
+            print(line)
     if distributed.is_main():
         print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
+
+
+def _reading_notes(cfg: Config, ds: data_lib.Dataset, metrics: dict) -> list[str]:
+    """What the test line below them measures: the epoch that validation chose, and whether
+    the test side holds photos of signs the network trained on."""
+    notes = []
+    if "val_accuracy" in metrics:
+        share = f"{cfg.val_size:g} of the training side"
+        notes.append(f"model: epoch {metrics['selected_epoch']}, chosen by validation accuracy "
+                     f"{metrics['val_accuracy']:.4f} ({share})")  # fmt: skip
+    if cfg.split == "random" and any(track_name(p, 0) for p in ds.paths[:1000]):
+        notes.append("note: the random split put photos of the same physical signs (GTSRB "
+                     "tracks) on both sides, so the test figure reads higher than on signs "
+                     "never seen; --split track measures those")  # fmt: skip
+    return notes
 
 
 def _joining(args) -> bool:
