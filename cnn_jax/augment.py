@@ -38,17 +38,22 @@ def _pull_matrix(key: jax.Array, side: int, s: Strengths) -> jax.Array:
     return jnp.concatenate([linear, offset[:, None]], axis=1)
 
 
-def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
-    k_geom, k_bright, k_contrast = jax.random.split(key, 3)
+def warp(image: jax.Array, pull: jax.Array) -> jax.Array:
+    """An HWC image resampled where the 2x3 `pull` sends each output (row, col, 1): bilinear,
+    edges repeated; differentiable in `pull` (the spatial transformer learns through it)."""
     h, w, channels = image.shape
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                               indexing="ij")  # fmt: skip
-    pull = _pull_matrix(k_geom, h, s)
     coords = [pull[i, 0] * rows + pull[i, 1] * cols + pull[i, 2] for i in range(2)]
-    image = jnp.stack(
+    return jnp.stack(
         [ndimage.map_coordinates(image[..., c], coords, order=1, mode="nearest")
          for c in range(channels)], axis=-1,
     )  # fmt: skip
+
+
+def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
+    k_geom, k_bright, k_contrast = jax.random.split(key, 3)
+    image = warp(image, _pull_matrix(k_geom, image.shape[0], s))
     # Blur and noise draw from keys of their own, so that the changes above stay as they were
     # for runs saved before these two existed; at strength 0 they are left out of the program.
     k_blur, k_noise = jax.random.split(jax.random.fold_in(key, 1))

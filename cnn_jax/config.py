@@ -31,6 +31,7 @@ MAX_SEED = 2**31 - 1
 # The smallest input side that leaves each model's last block at least one pixel.
 MIN_IMAGE_SIZE = {1: 4, 2: 10, 3: 8}
 MAX_IMAGE_SIZE = 1024
+STN_MIN_IMAGE_SIZE = 28  # the spatial transformer's second 5x5 convolution needs 5x5 (stn.py)
 SMALLEST_IMAGE_SIZE = min(MIN_IMAGE_SIZE.values())  # what some model takes
 # A strength's option is --aug-<name>; runs saved before `strengths` had aug_<name> fields.
 STRENGTH_PREFIX = "aug_"
@@ -212,6 +213,12 @@ class Config:
         resume=True,
     )
     strengths: Strengths = setting(Strengths(), "how far --augment goes", resume=True)
+    stn: bool = setting(
+        False,
+        "Model 3 only: a spatial transformer in front, a small network that learns to turn, "
+        "scale and shift each image before the classifier sees it",
+        resume=True,
+    )
     ensemble: int = setting(
         1,
         "train N networks from seeds seed..seed+N-1 in one compiled program; evaluate and "
@@ -292,6 +299,11 @@ class Config:
             raise UserError(
                 f"--image-size {self.image_size} is too small for --model {self.model}: it needs "
                 f"at least {MIN_IMAGE_SIZE[self.model]}"
+            )
+        if self.stn and (self.model != 3 or self.image_size < STN_MIN_IMAGE_SIZE):
+            raise UserError(
+                f"--stn needs --model 3 and an --image-size of at least {STN_MIN_IMAGE_SIZE}, "
+                f"not model {self.model} at {self.image_size}"
             )
         if self.seed + self.ensemble - 1 > MAX_SEED:
             raise UserError(

@@ -15,6 +15,7 @@ from flax import nnx
 from cnn_jax import ops
 from cnn_jax.config import MIN_IMAGE_SIZE
 from cnn_jax.errors import UserError
+from cnn_jax.stn import SpatialTransformer
 
 # Keras' Conv2D and Dense default to glorot_uniform kernels and zero biases
 # (keras/src/layers/convolutional/base_conv.py, keras/src/layers/core/dense.py); Flax defaults
@@ -185,7 +186,8 @@ class Model3(nnx.Module):
 
     WIDTHS = (32, 64, 128)
 
-    def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), rngs):
+    def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), stn=False,
+                 rngs):  # fmt: skip
         ins = (3,) + self.WIDTHS[:-1]
         # The creation order fixes which weights a seed draws; it is the order the README's
         # figures were measured with: each block's first convolution, the head, then the
@@ -204,6 +206,8 @@ class Model3(nnx.Module):
         self.logits = layers.dense(256, num_classes, rngs)
         self.convs2 = nnx.List([layers.conv3x3(b, b, rngs, use_bias=False) for b in self.WIDTHS])
         self.norms2 = nnx.List([_batch_norm(b, layers, rngs) for b in self.WIDTHS])
+        # Drawn last, so that a seed gives the classifier the weights it has without it.
+        self.stn = SpatialTransformer(image_size, layers.dtype, rngs) if stn else None
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None, mask=None):
         """Logits; with a dropout key it trains (batch statistics, updating the running ones).
@@ -213,6 +217,8 @@ class Model3(nnx.Module):
         real images nor the running statistics.
         """
         running = dropout_key is None
+        if self.stn is not None:
+            x = self.stn(x)
         for block in zip(self.convs, self.norms, self.convs2, self.norms2):
             for conv, norm in (block[:2], block[2:]):
                 x = nnx.relu(ops.batch_norm(norm, conv.same(x), not running, mask))
@@ -239,12 +245,13 @@ def create_model(
     conv: str = "auto",
     dtype: str = "float32",
     platform: str | None = None,
+    stn: bool = False,
 ):
     """Builds Model 1, 2 or 3 with weights drawn from `seed` (an int or a PRNG key).
 
     dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
-    'bfloat16'; parameters stay float32).
+    'bfloat16'; parameters stay float32). `stn` puts a spatial transformer in front of Model 3.
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -264,8 +271,10 @@ def create_model(
             f"image size {image_size} is too small for model {model}: it needs at least "
             f"{min_image_size(model)}"
         )
+    extra = dict(stn=True) if stn else {}  # Config refuses --stn for Models 1 and 2
+    rngs = nnx.Rngs(params=seed)
     return MODELS[model](
-        image_size, num_classes, dropout=dropout, layers=layers, rngs=nnx.Rngs(params=seed)
+        image_size, num_classes, dropout=dropout, layers=layers, rngs=rngs, **extra
     )
 
 

@@ -229,6 +229,7 @@ def _network(config: Config, num_classes: int):
             conv=conv,
             dtype=config.dtype,
             platform=platform,
+            stn=config.stn,
         )
 
     return platform, mesh, build

@@ -190,6 +190,8 @@ def to_keras(ckpt: Path | str) -> keras.Model:
         raise ConversionError(
             f"export-keras writes one network, and this is an ensemble of {cfg.ensemble}"
         )
+    if cfg.stn:
+        raise ConversionError("the Keras reference has no spatial transformer (--stn)")
     net = create_model(cfg.model, cfg.image_size, restored.meta.num_classes)
     weights = nnx.to_pure_dict(restored.params)
     layers = [layer for layer in net.layers if layer.weights]
