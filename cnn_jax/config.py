@@ -31,7 +31,6 @@ MAX_SEED = 2**31 - 1
 # The smallest input side that leaves each model's last block at least one pixel.
 MIN_IMAGE_SIZE = {1: 4, 2: 10, 3: 8}
 MAX_IMAGE_SIZE = 1024
-STN_MIN_IMAGE_SIZE = 28  # the spatial transformer's second 5x5 convolution needs 5x5 (stn.py)
 SMALLEST_IMAGE_SIZE = min(MIN_IMAGE_SIZE.values())  # what some model takes
 # A strength's option is --aug-<name>; runs saved before `strengths` had aug_<name> fields.
 STRENGTH_PREFIX = "aug_"
@@ -300,11 +299,8 @@ class Config:
                 f"--image-size {self.image_size} is too small for --model {self.model}: it needs "
                 f"at least {MIN_IMAGE_SIZE[self.model]}"
             )
-        if self.stn and (self.model != 3 or self.image_size < STN_MIN_IMAGE_SIZE):
-            raise UserError(
-                f"--stn needs --model 3 and an --image-size of at least {STN_MIN_IMAGE_SIZE}, "
-                f"not model {self.model} at {self.image_size}"
-            )
+        if self.stn and self.model != 3:
+            raise UserError(f"--stn is for --model 3 only, not --model {self.model}")
         if self.seed + self.ensemble - 1 > MAX_SEED:
             raise UserError(
                 f"--seed {self.seed} with --ensemble {self.ensemble} needs seeds up to "

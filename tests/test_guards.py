@@ -24,8 +24,7 @@ from cnn_jax.config import Config
         (["--ensemble", "0"], "--ensemble must be at least 1"),
         (["--val-size", "1"], "--val-size must be below 1"),
         (["--aug-rotate", "-5"], "--aug-rotate must be at least 0"),
-        (["--stn"], "--stn needs --model 3 and an --image-size of at least 28"),
-        (["--model", "3", "--stn", "--image-size", "24"], "not model 3 at 24"),
+        (["--stn"], "--stn is for --model 3 only, not --model 2"),
         (["--augment", "--aug-blur", "2.5"], "--aug-blur must be at most 2, not 2.5"),
     ],
 )

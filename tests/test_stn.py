@@ -23,7 +23,8 @@ def test_a_new_transformer_is_the_identity_in_front_of_the_same_model_3():
     np.testing.assert_array_equal(np.asarray(with_stn(x)), np.asarray(plain(x)))
     localisation = models.count_params(with_stn.stn)
     assert models.count_params(with_stn) == models.count_params(plain) + localisation
-    assert localisation == (75 * 20 + 20) + (500 * 20 + 20) + (80 * 50 + 50) + (50 * 6 + 6)
+    # conv 5x5 3->30, conv 5x5 30->60, dense (4x4x60)->30, dense 30->6, each with its bias
+    assert localisation == (75 * 30 + 30) + (750 * 60 + 60) + (960 * 30 + 30) + (30 * 6 + 6)
 
 
 def test_the_warp_follows_the_predicted_map():
@@ -60,4 +61,4 @@ def test_a_run_with_stn_trains_the_transformer_and_restores_it(tmp_path, capsys)
     bias = np.asarray(restored.params["stn"]["theta"]["bias"])
     assert not np.array_equal(bias, np.asarray(stn.IDENTITY))
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert metrics["params"] == 823_051 + 15_896
+    assert metrics["params"] == 823_051 + 76_356
