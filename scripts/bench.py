@@ -110,8 +110,10 @@ def tf_standardize(x):
     return tf.image.per_image_standardization(x)
 
 
-def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1):
-    cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=1, platform="cpu")
+def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1,
+                   devices=1):  # fmt: skip
+    cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=devices,
+                 platform="cpu")  # fmt: skip
     trainer, state = create_trainer(cfg, 43)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     net = create_model(model)
@@ -242,8 +244,8 @@ def main() -> None:
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="with --recipe: the ensemble sizes")  # fmt: skip
     p.add_argument("--cpu-devices", type=int, default=1,
-                   help="with --recipe: JAX's CPU devices (cnn-jax train's default for Model 3 "
-                   "is one per core)")  # fmt: skip
+                   help="JAX's CPU devices for the training steps (cnn-jax train's default for "
+                   "Model 3 is one per core)")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
     p.add_argument(
         "--processes",
@@ -259,8 +261,8 @@ def main() -> None:
     if args.load_only:
         print(_load_line(bench_loading(Path(args.data).resolve())))
         return
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
     if args.recipe:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         need = args.steps * 64
@@ -281,11 +283,11 @@ def main() -> None:
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:
             jax_ms, keras_ms, trainer, state, net = bench_training(
-                model, ds, train_idx, args.steps, args.rounds, dtype, per_call
+                model, ds, train_idx, args.steps, args.rounds, dtype, per_call, args.cpu_devices
             )
             row = {
                 "model": model,
-                "jax": f"{dtype}, {per_call} step(s)/call",
+                "jax": f"{dtype}, {per_call} step(s)/call, {args.cpu_devices} device(s)",
                 "jax_ms": jax_ms,
                 "keras_ms": keras_ms,
                 "jax_img_s": 32e3 / jax_ms,
@@ -295,7 +297,7 @@ def main() -> None:
             result["train"].append(row)
             if not args.json:
                 print(
-                    f"train  model {model} [{row['jax']:>24}]  jax {jax_ms:6.2f} ms/step "
+                    f"train  model {model} [{row['jax']:>36}]  jax {jax_ms:6.2f} ms/step "
                     f"({row['jax_img_s']:7,.0f} img/s)  keras {keras_ms:6.2f} ms/step "
                     f"({row['keras_img_s']:7,.0f} img/s)  jax/keras {row['ratio']:.2f}",
                     flush=True,
