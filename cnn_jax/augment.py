@@ -56,7 +56,8 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     image = warp(image, _pull_matrix(k_geom, image.shape[0], s))
     # Blur and noise draw from keys of their own, so that the changes above stay as they were
     # for runs saved before these two existed; at strength 0 they are left out of the program.
-    k_blur, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+    # The tag is far from 0..2: fold_in(key, i) can equal split(key, 3)[i].
+    k_blur, k_spread, k_pixels = jax.random.split(jax.random.fold_in(key, EXTRA_DRAWS_TAG), 3)
     if s.blur:
         image = _blur(image, jax.random.uniform(k_blur, (), maxval=s.blur))
     mean = jnp.mean(image)
@@ -64,13 +65,13 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     delta = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness) * 255.0
     image = (image - mean) * factor + mean + delta
     if s.noise:
-        spread = jax.random.uniform(k_noise, (), maxval=s.noise) * 255.0
-        k_pixels = jax.random.fold_in(k_noise, 1)
+        spread = jax.random.uniform(k_spread, (), maxval=s.noise) * 255.0
         image = image + spread * jax.random.normal(k_pixels, image.shape)
     return jnp.clip(image, 0.0, 255.0)
 
 
-BLUR_RADIUS = 3  # taps each side: the kernel reaches 1.5 sigma at the largest blur, 2
+EXTRA_DRAWS_TAG = 0x626C7572  # "blur"
+BLUR_RADIUS = 6  # taps each side: 3 sigma at the largest blur, 2
 
 
 def _blur(image: jax.Array, sigma: jax.Array) -> jax.Array:

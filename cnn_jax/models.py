@@ -271,7 +271,9 @@ def create_model(
             f"image size {image_size} is too small for model {model}: it needs at least "
             f"{min_image_size(model)}"
         )
-    extra = dict(stn=True) if stn else {}  # Config refuses --stn for Models 1 and 2
+    if stn and model != 3:
+        raise UserError(f"a spatial transformer is for model 3 only, not model {model}")
+    extra = dict(stn=True) if stn else {}
     rngs = nnx.Rngs(params=seed)
     return MODELS[model](
         image_size, num_classes, dropout=dropout, layers=layers, rngs=rngs, **extra

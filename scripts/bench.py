@@ -243,9 +243,9 @@ def main() -> None:
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="with --recipe: the ensemble sizes")  # fmt: skip
-    p.add_argument("--cpu-devices", type=int, default=1,
-                   help="JAX's CPU devices for the training steps (cnn-jax train's default for "
-                   "Model 3 is one per core)")  # fmt: skip
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="JAX's CPU devices for the training and inference rows (none: JAX's "
+                   "own; cnn-jax train gives Model 3 one per core)")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
     p.add_argument(
         "--processes",
@@ -261,14 +261,16 @@ def main() -> None:
     if args.load_only:
         print(_load_line(bench_loading(Path(args.data).resolve())))
         return
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
+    devices = args.cpu_devices or 1
     if args.recipe:
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         need = args.steps * 64
         train_idx = np.resize(np.arange(len(ds.labels)), need)
         print(json.dumps(machine()))
-        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members, args.cpu_devices)
+        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members, devices)
         return
     if args.quick:
         args.steps, args.rounds = 5, 1
@@ -283,11 +285,11 @@ def main() -> None:
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:
             jax_ms, keras_ms, trainer, state, net = bench_training(
-                model, ds, train_idx, args.steps, args.rounds, dtype, per_call, args.cpu_devices
+                model, ds, train_idx, args.steps, args.rounds, dtype, per_call, devices
             )
             row = {
                 "model": model,
-                "jax": f"{dtype}, {per_call} step(s)/call, {args.cpu_devices} device(s)",
+                "jax": f"{dtype}, {per_call} step(s)/call, {devices} device(s)",
                 "jax_ms": jax_ms,
                 "keras_ms": keras_ms,
                 "jax_img_s": 32e3 / jax_ms,

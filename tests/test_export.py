@@ -88,6 +88,7 @@ def test_an_equalizing_ensemble_exports_to_tflite(tmp_path_factory, tiny):
 
 def test_a_spatial_transformer_exports_to_tflite_and_onnx(tmp_path_factory, tiny):
     """Its warp is a gather of bilinear neighbours, which TFLite and ONNX must both run."""
+    pytest.importorskip("ai_edge_litert")
     pytest.importorskip("onnxruntime")
     run = _run(tmp_path_factory, tiny, "stn", model=3, stn=True)
     for name in ("model.tflite", "model.onnx"):

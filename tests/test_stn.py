@@ -5,6 +5,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from cnn_jax import inference, models, stn
@@ -62,3 +63,6 @@ def test_a_run_with_stn_trains_the_transformer_and_restores_it(tmp_path, capsys)
     assert not np.array_equal(bias, np.asarray(stn.IDENTITY))
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["params"] == 823_051 + 76_356
+    convert = pytest.importorskip("keras_ref.convert")  # TensorFlow: the keras extra
+    with pytest.raises(convert.ConversionError, match="no spatial transformer"):
+        convert.to_keras(workdir)

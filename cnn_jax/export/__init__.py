@@ -174,6 +174,7 @@ def _describe(restored, fmt, quantize, shape, size, check) -> dict:
         "pixels": {"scaling": cfg.pixels, "inside_the_graph": True},
         "classes": [{"id": c, "name": sign_name(c)} for c in range(classes)],
         "model": cfg.model,
+        "spatial_transformer": cfg.stn,
         "ensemble": cfg.ensemble,
         "checkpoint": {
             "path": str(restored.directory),
