@@ -33,6 +33,12 @@ def _pull_matrix(key: jax.Array, side: int, s: Strengths) -> jax.Array:
     shift = jnp.stack([u(3, s.shift), u(4, s.shift)]) * side
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     linear = jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, shear], [0.0, 1.0]]) / zoom
+    return about_centre(linear, shift, side)
+
+
+def about_centre(linear: jax.Array, shift: jax.Array, side: int) -> jax.Array:
+    """The 2x3 pull map that applies the 2x2 `linear` about the image's centre, then moves by
+    `shift` pixels: what `warp` takes."""
     centre = jnp.full(2, (side - 1) / 2)
     offset = centre - linear @ centre + shift
     return jnp.concatenate([linear, offset[:, None]], axis=1)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnn_jax import ops
-from cnn_jax.augment import warp
+from cnn_jax.augment import about_centre, warp
 
 FILTERS = (30, 60)
 HIDDEN = 30
@@ -52,6 +52,4 @@ def _pixel_pull(theta: jax.Array, side: int) -> jax.Array:
     """The map in pixel coordinates for a map in coordinates of -1..1 about the centre (the
     convention of the paper, where the identity and a shift by the whole image read alike
     at any size)."""
-    c = (side - 1) / 2
-    linear, shift = theta[:, :2], theta[:, 2]
-    return jnp.concatenate([linear, (c - linear @ jnp.full(2, c) + c * shift)[:, None]], axis=1)
+    return about_centre(theta[:, :2], theta[:, 2] * ((side - 1) / 2), side)
