@@ -50,7 +50,7 @@ class Conv3x3(nnx.Conv):
         if self.conv_general_dilated is ops.conv3x3_matmul:
             return self(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
         x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        return jax.lax.conv_general_dilated(
+        return self.conv_general_dilated(
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
@@ -246,12 +246,14 @@ def create_model(
     dtype: str = "float32",
     platform: str | None = None,
     stn: bool = False,
+    looped: bool = False,
 ):
     """Builds Model 1, 2 or 3 with weights drawn from `seed` (an int or a PRNG key).
 
     dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
     'bfloat16'; parameters stay float32). `stn` puts a spatial transformer in front of Model 3.
+    `looped`: it trains inside a compiled loop (`--steps-per-call` above 1; ops.resolve_conv).
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -261,7 +263,7 @@ def create_model(
         # first (3 input channels), where XLA's forward and gradients took 4.7x as long.
         conv = "lax"
         first = ops.resolve_conv("auto", platform)
-    conv_fn = ops.resolve_conv(conv, platform)
+    conv_fn = ops.resolve_conv(conv, platform, looped)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul,
                      first_conv=first)  # fmt: skip
     if model not in MODELS:

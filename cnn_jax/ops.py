@@ -6,6 +6,8 @@ kernels, where its direct convolution is slow; on GPU cuDNN's convolution is the
 values are those of `lax.conv_general_dilated` up to float rounding (tests/test_ops.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,14 +31,58 @@ def conv3x3_matmul(inputs, kernel, window_strides=None, padding=None, **unused):
     return out.reshape(b, ho, wo, cout)
 
 
-def resolve_conv(conv: str, platform: str | None = None):
+def conv_for_loops(inputs, kernel, window_strides=None, padding=None, **unused):
+    """A drop-in for `lax.conv_general_dilated` for NHWC/HWIO, stride 1, "VALID" or "SAME"
+    convolutions of odd kernels, whose gradients are written as forward convolutions.
+
+    Inside a compiled loop (`--steps-per-call` above 1 runs steps in a `lax.scan`) XLA:CPU keeps
+    the gradients' transposed operand layouts, which its fast convolution cannot take, and runs
+    them as plain loops: a Model 3 step took 40x as long (BENCHMARKS.md). Transposed by hand,
+    both gradients stay ordinary convolutions there; outside a loop XLA's own are faster.
+    """
+    if tuple(window_strides or (1, 1)) != (1, 1) or padding not in ("VALID", "SAME"):
+        raise ValueError("conv_for_loops handles stride 1, VALID or SAME convolutions only")
+    return _conv_for_loops(inputs, kernel, kernel.shape[0] // 2 if padding == "SAME" else 0)
+
+
+def _conv(x, kernel, pad: int):
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_for_loops(x, kernel, pad: int):
+    return _conv(x, kernel, pad)
+
+
+def _conv_for_loops_grads(pad, residuals, g):
+    x, kernel = residuals
+    full = kernel.shape[0] - 1 - pad
+    dx = _conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), full)
+    # The kernel's gradient sums over the images: as a convolution, the channels are its batch
+    # and the images its features. The barrier keeps XLA from folding the transposes back
+    # into the convolution's dimension numbers, the layout that is slow in a loop.
+    xt = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).transpose(3, 1, 2, 0)
+    xt, gt = lax.optimization_barrier((xt, g.transpose(1, 2, 0, 3)))
+    return dx, _conv(xt, gt, 0).transpose(1, 2, 0, 3)
+
+
+_conv_for_loops.defvjp(lambda x, k, pad: (_conv(x, k, pad), (x, k)), _conv_for_loops_grads)
+
+
+def resolve_conv(conv: str, platform: str | None = None, looped: bool = False):
     """The convolution function for a `--conv` choice; 'auto' picks by the platform that runs
-    it (the default backend's when None)."""
+    it (the default backend's when None). `looped`: the training steps run inside a compiled
+    loop, where XLA's own convolution on CPU needs `conv_for_loops`' gradients."""
     if conv not in CONVS:
         raise ValueError(f"unknown convolution {conv!r}: choose one of {', '.join(CONVS)}")
+    cpu = (platform or jax.default_backend()) == "cpu"
     if conv == "auto":
-        conv = "matmul" if (platform or jax.default_backend()) == "cpu" else "lax"
-    return conv3x3_matmul if conv == "matmul" else lax.conv_general_dilated
+        conv = "matmul" if cpu else "lax"
+    if conv == "matmul":
+        return conv3x3_matmul
+    return conv_for_loops if looped and cpu else lax.conv_general_dilated
 
 
 @jax.custom_vjp

@@ -48,6 +48,40 @@ def test_matmul_conv_equals_lax_conv_with_gradients(shape):
         assert_within(g_fast, g_ref, bound(n, scale), f"gradient of {name}")
 
 
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_conv_for_loops_equals_lax_conv_with_gradients_inside_a_loop(padding):
+    """The gradients written as forward convolutions, run where they are meant for: a scan."""
+    x = jax.random.normal(jax.random.key(0), (3, 9, 7, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.1
+    conv = lambda x, k: lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    w_out = jax.random.normal(jax.random.key(2), conv(x, k).shape)
+
+    def grads_in_scan(f):
+        loss = lambda x, k: jnp.sum(f(x, k, (1, 1), padding) * w_out)  # noqa: E731
+        body = lambda c, _: (c, jax.grad(loss, (0, 1))(x, c))  # noqa: E731
+        return jax.tree.map(lambda g: g[-1], jax.lax.scan(body, k, length=2)[1])
+
+    assert_within(ops.conv_for_loops(x, k, (1, 1), padding), conv(x, k), bound(72, conv(
+        jnp.abs(x), jnp.abs(k))), "values")  # fmt: skip
+    reference = lambda x, k, s, p: conv(x, k)  # noqa: E731
+    scales = jax.grad(lambda x, k: jnp.sum(conv(x, k) * jnp.abs(w_out)), (0, 1))(
+        jnp.abs(x), jnp.abs(k)
+    )
+    terms = (9 * 16, 3 * 9 * 7)
+    got, want = grads_in_scan(ops.conv_for_loops), grads_in_scan(reference)
+    for name, g, r, scale, n in zip("xk", got, want, scales, terms, strict=True):
+        assert_within(g, r, bound(n, scale), f"gradient of {name}")
+
+
+def test_looped_training_uses_the_loop_safe_convolution_on_cpu_only():
+    assert ops.resolve_conv("lax", "cpu", looped=True) is ops.conv_for_loops
+    assert ops.resolve_conv("lax", "cpu") is lax.conv_general_dilated
+    assert ops.resolve_conv("lax", "gpu", looped=True) is lax.conv_general_dilated
+    assert ops.resolve_conv("auto", "cpu", looped=True) is ops.conv3x3_matmul
+
+
 def test_whole_models_agree_across_formulations():
     x = jax.random.uniform(jax.random.key(0), (8, 30, 30, 3))
     for model in (1, 2):
