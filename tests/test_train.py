@@ -30,15 +30,17 @@ def test_no_retracing_across_steps_and_epochs(tiny, tmp_path):
     assert predictor.TRACE_COUNTS["eval_step"] - before["eval_step"] == 1
 
 
-def test_scanned_steps_equal_single_steps_and_trace_once(tiny):
+@pytest.mark.parametrize("model", [2, 3])  # 3: XLA's convolutions, ops.conv_for_loops in a scan
+def test_scanned_steps_equal_single_steps_and_trace_once(tiny, model):
     before = predictor.TRACE_COUNTS.copy()
-    one, m1 = train.fit(Config(epochs=2, devices=1), tiny, verbose=False)
-    many, m7 = train.fit(Config(epochs=2, devices=1, steps_per_call=7), tiny, verbose=False)
+    cfg = Config(epochs=2, devices=1, model=model)
+    one, m1 = train.fit(cfg, tiny, verbose=False)
+    many, m7 = train.fit(dataclasses.replace(cfg, steps_per_call=7), tiny, verbose=False)
     assert predictor.TRACE_COUNTS["train_step"] - before["train_step"] == 2  # once per Trainer
     # The scan's body may fuse differently from the single step; Adam turns rounding in
     # near-zero gradients into lr-sized moves of those few entries (test_parallel.py), so the
     # difference is a small part of the update as a whole, not of each entry.
-    start = _leaves(steps.create_trainer(Config(devices=1), 43)[1])
+    start = _leaves(steps.create_trainer(cfg, 43)[1])
     for x, y, x0 in zip(_leaves(one), _leaves(many), start):
         assert relative(x, y, x - x0) < 1e-2
     assert m1["test_accuracy"] == pytest.approx(m7["test_accuracy"], abs=1 / m1["n_test"])
