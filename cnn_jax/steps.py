@@ -211,16 +211,16 @@ class Trainer:
         return TrainState(params, opt_state, state.step + 1, metrics, batch_stats)
 
 
-def _network(config: Config, num_classes: int, looped: bool = False):
-    """The mesh of the config's devices, and a builder of its model for a convolution choice.
+def _network(config: Config, num_classes: int):
+    """The mesh of the config's devices, and a builder of its model for a convolution choice
+    (`looped`: it trains in a compiled loop of steps, models.create_model).
 
     Shared by training (which initialises the weights) and restoring (which needs only shapes).
-    `looped`: the model trains in a compiled loop of steps (models.create_model).
     """
     platform = backend.resolve_platform(config.platform)
     mesh = parallel.create_mesh(config.devices, platform)
 
-    def build(conv: str, seed=0):
+    def build(conv: str, seed=0, looped=False):
         return create_model(
             config.model,
             config.image_size,
@@ -293,13 +293,11 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
 
     `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call) and the schedule.
     """
+    platform, mesh, build = _network(config, num_classes)
     per_call = backend.steps_per_call(
-        config.steps_per_call,
-        backend.resolve_platform(config.platform),
-        steps_per_epoch,
-        config.batch_size,
+        config.steps_per_call, platform, steps_per_epoch, config.batch_size
     )
-    _, mesh, build = _network(config, num_classes, looped=per_call > 1)
+    build = functools.partial(build, looped=per_call > 1)
     parallel.check_batch(config.batch_size, mesh)
     graphdef, params, batch_stats = _initial_weights(config, build, config.conv)
     infer_conv = _inference_conv(config)
