@@ -54,3 +54,19 @@ def test_deterministic_gpu_ops_are_a_compile_option_xla_knows():
 def test_unknown_platform_is_an_error():
     with pytest.raises(ValueError, match="unknown platform"):
         backend.resolve_platform("npu")
+
+
+@pytest.mark.parametrize(
+    "model, batch, cores, expected",
+    [(3, 64, 2, 2), (2, 64, 2, 1), (3, 16, 2, 1), (3, 48, 4, 3), (3, 64, 1, 1)],
+)
+def test_cpu_devices_for_training(model, batch, cores, expected):
+    assert backend.cpu_devices_for(model, batch, cores) == expected
+
+
+def test_inference_splits_the_cpu_for_every_model_but_not_a_started_jax(monkeypatch):
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    assert backend.split_cpu_for_inference("gpu", 256) == 0
+    # JAX started long ago in this process (conftest.py): it keeps its 8 devices.
+    assert backend.split_cpu_for_inference("cpu", 256) == 0
+    assert len(jax.devices("cpu")) == 8

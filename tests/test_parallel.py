@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from numerics import EPS, relative
+from numerics import EPS, assert_same_function, relative
 
 from cnn_jax import predictor, steps, train
 from cnn_jax.config import Config as _Config
@@ -114,3 +114,20 @@ def test_checkpoints_move_between_device_counts(tiny, tmp_path, first, then):
         for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params))
     )
     assert diff < 1e-3, diff
+
+
+def test_probabilities_split_any_batch_over_the_devices_and_come_back_whole(tiny):
+    """`cnn-jax predict` and `evaluate`'s classifying: each device takes a slice of a batch of
+    any size (padded to the device count), and every device holds the whole answer, the one
+    device's (numerics.py: the same function, computed at other batch sizes)."""
+    trainer, state = steps.create_trainer(Config(devices=8, ensemble=2), 43)
+    one, one_state = steps.create_trainer(Config(devices=1, ensemble=2), 43)
+    for n in (1, 13, 16):
+        images = tiny.images[:n]
+        probs = trainer.predictor.probabilities(state.weights, images)
+        each = trainer.predictor.member_probabilities(state.weights, images)
+        assert probs.shape == (n, 43) and each.shape == (2, n, 43)
+        assert probs.sharding.is_fully_replicated and each.sharding.is_fully_replicated
+        ref = one.predictor.probabilities(one_state.weights, images)
+        assert_same_function(np.log(probs), np.log(ref), f"{n} images")
+        assert_same_function(each.mean(0), probs, "the members' mean")

@@ -11,8 +11,18 @@ from cnn_jax.errors import UserError
 from cnn_jax.report import strict_json, test_line
 
 
+def _classifying(platform: str | None) -> None:
+    """Before JAX starts: the CPU's cores each classify a slice of every batch."""
+    from cnn_jax import backend
+    from cnn_jax.predictor import EVAL_BATCH
+
+    backend.split_cpu_for_inference(platform, EVAL_BATCH)
+
+
 def evaluate(args) -> int:
     from cnn_jax.inference import evaluate_checkpoint, load_checkpoint
+
+    _classifying(args.platform)
 
     result = evaluate_checkpoint(
         load_checkpoint(args.checkpoint, args.platform, args.tta),
@@ -38,6 +48,8 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     from cnn_jax.inference import load_checkpoint, predict_files
+
+    _classifying(args.platform)
 
     restored = load_checkpoint(args.checkpoint, args.platform, args.tta)
     results = predict_files(restored, args.images, args.top_k)
@@ -85,6 +97,7 @@ def report(args) -> int:
     _check_report_out(out, run, args)  # before the checkpoint and the data load
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
+    _classifying(args.platform)
     tested = probabilities_on(
         load_checkpoint(run, args.platform, args.tta), args.data, args.layout, args.cache_dir
     )
@@ -109,6 +122,8 @@ def _check_report_out(out: Path, run: Path, args) -> None:
 
 def export(args) -> int:
     from cnn_jax.export import Request, export, sidecar_path
+
+    _classifying("cpu")  # the self-check classifies with the checkpoint, on the CPU
 
     request = Request(args.format, args.quantize, args.batch, args.data, args.check_images,
                       args.force)  # fmt: skip
