@@ -233,6 +233,13 @@ class Config:
         "trained on no image of this run's test or validation split",
         resume=True,
     )
+    distill_views: bool = setting(
+        False,
+        "with --distill-from: the teacher classifies each training image as the student sees "
+        "it, augmented, at every step (a 'consistent' teacher, Beyer et al. 2022) instead of "
+        "once before training; each step then pays the teacher's forward pass",
+        resume=True,
+    )
     val_size: float = setting(
         0.0,
         "fraction of the training side held out for validation (whole tracks with --split "

@@ -3,7 +3,11 @@
 An ensemble's averaged probabilities say which classes an image resembles ("80 km/h, a little
 like 30 km/h"); a single network trained on them keeps much of the ensemble's accuracy at one
 network's cost, and exports as one. The targets are the teacher's outputs for each training
-image as it is; augmentation then changes what the student sees, not what it aims for.
+image as it is, computed once; augmentation then changes what the student sees, not what it
+aims for. With --distill-views the teacher classifies each augmented image in the training step
+instead (Trainer.teacher), so that student and teacher see the same view: Beyer et al., "Knowledge
+distillation: A good teacher is patient and consistent" (CVPR 2022), found fixed targets on
+unaugmented images the weaker of the two.
 """
 
 import numpy as np
@@ -14,7 +18,15 @@ from cnn_jax.errors import UserError
 
 
 def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int) -> np.ndarray:
-    """The teacher run's float32 probabilities for the training images, (n_train, classes).
+    """The teacher run's float32 probabilities for the training images, (n_train, classes)."""
+    from cnn_jax import inference
+
+    teacher = load_teacher(config, dataset, indices, num_classes)
+    return inference.probabilities(teacher, dataset.images[indices[0]]).astype(np.float32)
+
+
+def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int):
+    """The teacher run restored for inference (inference.Restored).
 
     Refused unless the teacher saw the same images at the same size and left every image of
     this run's validation and test splits out of its own training: a teacher that learnt the
@@ -40,7 +52,7 @@ def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int)
             "validation and test splits: give this run the teacher's --split, --test-size, "
             "--val-size and --seed"
         )
-    return inference.probabilities(teacher, dataset.images[train]).astype(np.float32)
+    return teacher
 
 
 def _check_same_inputs(config: Config, teacher, num_classes: int) -> None:

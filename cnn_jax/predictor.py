@@ -144,6 +144,11 @@ class Predictor:
             probs = (probs + each.sum(0)) / self.tta
         return (probs.mean(0), probs) if self.members else (probs, None)
 
+    def mean_probabilities(self, weights, images):
+        """Softmax outputs (an ensemble's mean) of uint8 or 0..255 float images, traced into
+        the caller's program; no gradient flows back through them."""
+        return jax.lax.stop_gradient(self._probabilities(weights, images)[0])
+
     @functools.cached_property
     def eval_step(self):
         # Every process gets every prediction (across processes they would stay sharded).

@@ -103,6 +103,9 @@ class Trainer:
     label_smoothing: float = 0.0
     members: int = 0  # an ensemble's size; 0: one network, no member axis
     deterministic: bool = True  # XLA's deterministic GPU ops (backend.compiler_options)
+    # --distill-views: the teacher network, which classifies each augmented batch in the step;
+    # its weights come in the targets' place (distill.py)
+    teacher: Predictor | None = None
 
     @property
     def platform(self) -> str:
@@ -181,7 +184,7 @@ class Trainer:
         labels, targets = labels if isinstance(labels, tuple) else (labels, None)
         # Each device computes its slice of the batch; XLA sums the gradients across devices.
         x, y, weights = self.predictor.shard(images[idx], labels[idx], weights)
-        if targets is not None:
+        if targets is not None and self.teacher is None:
             (targets,) = self.predictor.shard(targets[idx])
         if self.members:  # every member on the same batch, each from its own seed
             step = lambda s, k: self._member_step(s, x, y, weights, k, targets)  # noqa: E731
@@ -189,9 +192,12 @@ class Trainer:
         return self._member_step(state, x, y, weights, seed, targets)
 
     def _member_step(self, state, x, y, weights, seed, targets=None):
-        """One network's update on a batch; `seed` draws its dropout and augmentation."""
+        """One network's update on a batch; `seed` draws its dropout and augmentation. `targets`:
+        a teacher's probabilities for the batch, or with `teacher` its weights."""
         if self.augment is not None:
             x = augment_lib.augment(step_key(seed, "augment", state.step), x, self.augment)
+        if self.teacher is not None:  # `targets` holds its weights: it sees what the student does
+            targets = self.teacher.mean_probabilities(targets, x)
         key = dropout_key(seed, state.step)
 
         # The statistics go in as an argument: NNX updates them only inside the trace that

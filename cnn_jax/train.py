@@ -24,7 +24,7 @@ from cnn_jax.callbacks import (
     prior_entropy,
 )
 from cnn_jax.config import Config
-from cnn_jax.distill import teacher_targets
+from cnn_jax.distill import load_teacher, teacher_targets
 from cnn_jax.errors import UserError
 from cnn_jax.models import count_params
 from cnn_jax.optim import schedule
@@ -38,7 +38,7 @@ class Split(NamedTuple):
     """One side of the run's data, on the devices."""
 
     images: Any
-    labels: Any  # with --distill-from, (labels, the teacher's probabilities)
+    labels: Any  # with --distill-from, (labels, the teacher's probabilities or weights)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -119,7 +119,11 @@ def _prepare(config: Config, dataset: data_lib.Dataset) -> _Run:
                                     steps_per_epoch)  # fmt: skip
     placed = trainer.place(tuple((dataset.images[i], dataset.labels[i]) for i in indices))
     train, val, test = (Split(*p) for p in placed)
-    if config.distill_from:
+    if config.distill_views:
+        teacher = load_teacher(config, dataset, indices, num_classes)
+        trainer = dataclasses.replace(trainer, teacher=teacher.predictor)
+        train = Split(train.images, (train.labels, trainer.place(teacher.params)))
+    elif config.distill_from:
         targets = trainer.place(teacher_targets(config, dataset, indices, num_classes))
         train = Split(train.images, (train.labels, targets))
     metrics = {

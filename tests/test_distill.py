@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from numerics import SAME_FUNCTION, assert_same_function, relative
 
 from cnn_jax import data as data_lib
 from cnn_jax.cli import main
@@ -67,3 +68,52 @@ def test_a_teacher_that_saw_the_test_images_or_other_inputs_is_refused(teacher, 
     assert main(["train", "--epochs", "1", "--distill-from", str(teacher), *_SMALL, *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def _gradient(trainer, images, labels, targets):
+    """Minus the gradient of one step (SGD, learning rate 1) from the initial weights."""
+    import dataclasses
+
+    trainer, state = trainer
+    trainer = dataclasses.replace(trainer, tx=optax.sgd(1.0))
+    state = trainer.place(trainer.init_state(state.params))
+    before = [np.asarray(p) for p in jax.tree.leaves(state.params)]
+    x, y, order, t = trainer.place((images, labels, np.arange(len(labels)), targets))
+    state = trainer.train_step(state, x, (y, t), order, len(labels), 0, 0)
+    return np.concatenate([(np.asarray(p) - b).ravel()
+                           for p, b in zip(jax.tree.leaves(state.params), before)])  # fmt: skip
+
+
+def test_a_teacher_in_the_step_classifies_the_augmented_batch_the_student_sees(tiny):
+    """--distill-views: the step with the teacher inside is the step with fixed targets that
+    are the teacher's probabilities for the same augmented images, not for the images as they
+    are (numerics.py: the same function, the teacher's pass traced into another program)."""
+    import dataclasses
+
+    from cnn_jax import augment
+    from cnn_jax.steps import step_key
+
+    config = Config(model=2, augment=True, dropout=0.0, platform="cpu", devices=1, batch_size=32)
+    images, labels = tiny.images[:32], tiny.labels[:32]
+    teacher, teacher_state = create_trainer(dataclasses.replace(config, seed=7), 43)
+    weights = teacher_state.weights
+    trainer, state = create_trainer(config, 43)
+    inside = (dataclasses.replace(trainer, teacher=teacher.predictor), state)
+    got = _gradient(inside, images, labels, weights)
+
+    seen = augment.augment(step_key(0, "augment", 0), images.astype(np.float32), config.strengths)
+    on_views = np.asarray(teacher.predictor.mean_probabilities(weights, seen))
+    on_images = np.asarray(teacher.predictor.probabilities(weights, images))
+    assert_same_function(got, _gradient((trainer, state), images, labels, on_views), "views")
+    fixed = _gradient((trainer, state), images, labels, on_images)
+    assert relative(got, fixed) > 10 * SAME_FUNCTION  # 0.054 when written
+
+
+def test_distill_views_trains_and_needs_a_teacher(teacher, capsys):
+    assert main(["train", "--epochs", "1", "--distill-views", *_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--distill-views has no effect without --distill-from" in err
+    config = Config(epochs=1, synthetic_per_class=6, distill_from=str(teacher), augment=True,
+                    distill_views=True, platform="cpu")  # fmt: skip
+    _, metrics = fit(config, data_lib.load_configured(config), verbose=False)
+    assert np.isfinite(metrics["epochs"][0]["train_loss"]) and metrics["test_accuracy"] >= 0
