@@ -112,8 +112,9 @@ def split_cpu(model: int, batch_size: int) -> int:
 # Classifying 256 images at a time on a 2-core CPU, two devices against one: Model 1 2.5x,
 # Model 2 1.1x and Model 3 1.7x the images a second (BENCHMARKS.md).
 def split_cpu_for_inference(platform: str | None, batch_size: int) -> int:
-    """Before JAX starts, for the commands that classify with a checkpoint: one CPU device per
-    core for every model, each classifying a slice of each batch. As `split_cpu` otherwise."""
+    """Before JAX starts, for the commands that classify with a checkpoint: for every model,
+    as many CPU devices as there are cores (at most; a count that divides the batch), each
+    classifying a slice of each batch. As `split_cpu` otherwise."""
     if platform not in (None, "cpu"):
         return 0
     return _give_cpu_devices(_per_core(batch_size, _cores()))

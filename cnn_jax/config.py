@@ -237,7 +237,8 @@ class Config:
         False,
         "with --distill-from: the teacher classifies each training image as the student sees "
         "it, augmented, at every step (a 'consistent' teacher, Beyer et al. 2022) instead of "
-        "once before training; each step then pays the teacher's forward pass",
+        "once before training; each step then pays the teacher's forward passes (for each member "
+        "of an ensemble student)",
         resume=True,
     )
     val_size: float = setting(

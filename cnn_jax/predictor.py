@@ -7,6 +7,7 @@ Trainer (steps.py) evaluates through one.
 import collections
 import dataclasses
 import functools
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -83,7 +84,12 @@ def compile_fn(fn, mesh, precision: str | None = None, deterministic=True, **jit
     # Several CPU devices share one thread pool: with a few multi-device calls queued,
     # an all-reduce could wait for device threads that never ran, and XLA aborted the
     # process after 40 s (seen with 8 simulated devices on 2 cores). One call at a time.
-    return lambda *args: jax.block_until_ready(compiled(*args))
+
+    def finished(*args):
+        return jax.block_until_ready(compiled(*args))
+
+    finished.lower = compiled.lower  # what XLA makes of it, for tests
+    return finished
 
 
 def _from_host(array: np.ndarray, sharding) -> jax.Array:
@@ -146,8 +152,10 @@ class Predictor:
 
     def mean_probabilities(self, weights, images):
         """Softmax outputs (an ensemble's mean) of uint8 or 0..255 float images, traced into
-        the caller's program; no gradient flows back through them."""
-        return jax.lax.stop_gradient(self._probabilities(weights, images)[0])
+        the caller's program at this network's own matmul precision; no gradient flows back
+        through them."""
+        with jax.default_matmul_precision(self.precision) if self.precision else nullcontext():
+            return jax.lax.stop_gradient(self._probabilities(weights, images)[0])
 
     @functools.cached_property
     def eval_step(self):
@@ -206,10 +214,11 @@ class Predictor:
             if pad:
                 images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
             out = compiled(weights, images)
-            if not pad:
+            if not pad or out is None:  # None: one network's "members"
                 return out
             return jax.lax.slice_in_dim(out, 0, out.shape[batch_axis] - pad, axis=batch_axis)
 
+        run.lower = compiled.lower
         return run
 
 

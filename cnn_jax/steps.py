@@ -86,7 +86,7 @@ def cross_entropy(
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)  # eleven fields: named, never by position
+@dataclasses.dataclass(frozen=True, kw_only=True)  # many fields: named, never by position
 class Trainer:
     """The compiled steps for one model, optimizer and pixel scaling."""
 

@@ -64,9 +64,18 @@ def test_cpu_devices_for_training(model, batch, cores, expected):
     assert backend.cpu_devices_for(model, batch, cores) == expected
 
 
-def test_inference_splits_the_cpu_for_every_model_but_not_a_started_jax(monkeypatch):
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (6, 4), (64, 16)])
+def test_inference_splits_the_cpu_by_its_cores_before_jax_starts(monkeypatch, cores, expected):
+    """The count a classifying command asks for: the cores, at most one per 16 images of the
+    batch of 256 and a divisor of it; JAX started long ago in this process (conftest.py, 8
+    devices), so a count other than its own is refused and it keeps its devices."""
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-    assert backend.split_cpu_for_inference("gpu", 256) == 0
-    # JAX started long ago in this process (conftest.py): it keeps its 8 devices.
-    assert backend.split_cpu_for_inference("cpu", 256) == 0
-    assert len(jax.devices("cpu")) == 8
+    monkeypatch.setattr(backend, "_cores", lambda: cores)
+    asked = []
+    monkeypatch.setattr(backend, "_give_cpu_devices", lambda n: asked.append(n) or 0)
+    backend.split_cpu_for_inference("cpu", 256)
+    backend.split_cpu_for_inference("gpu", 256)
+    assert asked == [expected]  # and none for the GPU
+    monkeypatch.undo()
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    assert backend._give_cpu_devices(2) == 0 and len(jax.devices("cpu")) == 8

@@ -110,9 +110,14 @@ def test_a_teacher_in_the_step_classifies_the_augmented_batch_the_student_sees(t
 
 
 def test_distill_views_trains_and_needs_a_teacher(teacher, capsys):
-    assert main(["train", "--epochs", "1", "--distill-views", *_SMALL]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--distill-views has no effect without --distill-from" in err
+    refused = {
+        "--distill-views has no effect without --distill-from": ["--augment"],
+        "--distill-views has no effect without --augment": ["--distill-from", str(teacher)],
+    }
+    for message, args in refused.items():
+        assert main(["train", "--epochs", "1", "--distill-views", *args, *_SMALL]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
     config = Config(epochs=1, synthetic_per_class=6, distill_from=str(teacher), augment=True,
                     distill_views=True, platform="cpu")  # fmt: skip
     _, metrics = fit(config, data_lib.load_configured(config), verbose=False)

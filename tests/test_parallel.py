@@ -131,3 +131,9 @@ def test_probabilities_split_any_batch_over_the_devices_and_come_back_whole(tiny
         ref = one.predictor.probabilities(one_state.weights, images)
         assert_same_function(np.log(probs), np.log(ref), f"{n} images")
         assert_same_function(each.mean(0), probs, "the members' mean")
+    # Each device computes an eighth of the batch (replicated, each would compute all of it).
+    flops = [
+        t.predictor.probabilities.lower(w, tiny.images[:16]).compile().cost_analysis()["flops"]
+        for t, w in ((trainer, state.weights), (one, one_state.weights))
+    ]
+    assert flops[0] < flops[1] / 4
