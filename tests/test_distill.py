@@ -1,5 +1,7 @@
 """`--distill-from RUN`: training on a teacher's probabilities instead of the labels."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -72,8 +74,6 @@ def test_a_teacher_that_saw_the_test_images_or_other_inputs_is_refused(teacher, 
 
 def _gradient(trainer, images, labels, targets):
     """Minus the gradient of one step (SGD, learning rate 1) from the initial weights."""
-    import dataclasses
-
     trainer, state = trainer
     trainer = dataclasses.replace(trainer, tx=optax.sgd(1.0))
     state = trainer.place(trainer.init_state(state.params))
@@ -88,8 +88,6 @@ def test_a_teacher_in_the_step_classifies_the_augmented_batch_the_student_sees(t
     """--distill-views: the step with the teacher inside is the step with fixed targets that
     are the teacher's probabilities for the same augmented images, not for the images as they
     are (numerics.py: the same function, the teacher's pass traced into another program)."""
-    import dataclasses
-
     from cnn_jax import augment
     from cnn_jax.steps import step_key
 
