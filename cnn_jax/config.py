@@ -16,7 +16,7 @@ from cnn_jax.errors import UserError
 from cnn_jax.files import write_whole
 
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
-PIXELS = ("unit", "raw", "standard", "equalize")
+PIXELS = ("unit", "raw", "standard", "equalize", "grey")
 DECODERS = ("opencv", "pillow")
 SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
@@ -161,7 +161,8 @@ class Config:
     pixels: str = setting(
         "unit",
         "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck); standard: "
-        "each image to zero mean and unit spread; equalize: histogram equalisation, then standard",
+        "each image to zero mean and unit spread; equalize: histogram equalisation, then "
+        "standard; grey: each pixel's luminance in all three channels, then standard",
         choices=PIXELS,
         resume=True,
     )

@@ -139,6 +139,27 @@ def test_standard_pixels_have_zero_mean_and_unit_spread():
     assert np.all(np.isfinite(flat)) and np.all(flat == 0)
 
 
+def test_grey_pixels_are_the_standardised_luminance_in_every_channel():
+    images = _images()
+    x = data.scale_pixels(images, "grey")
+    assert x.shape == images.shape
+    np.testing.assert_array_equal(x[..., 1:], np.repeat(x[..., :1], 2, axis=-1))
+    luminance = images.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    _assert_standardized(x, np.repeat(luminance[..., None], 3, axis=-1) / 255.0)
+    # A red and a green sign of one luminance on the same background reach the network alike:
+    # what grey gives up, colour, and what standard pixels keep.
+    red, green = np.full((2, 1, 4, 4, 3), 20.0, np.float32)
+    red[0, 1:3, 1:3] = (255.0, 0.0, 0.0)
+    green[0, 1:3, 1:3] = (0.0, 255.0 * 0.299 / 0.587, 0.0)
+    np.testing.assert_allclose(data.scale_pixels(red, "grey"), data.scale_pixels(green, "grey"),
+                               atol=1e-5)  # fmt: skip
+    assert (
+        np.abs(data.scale_pixels(red, "standard") - data.scale_pixels(green, "standard")).max() > 1
+    )
+    on_jax = jax.jit(lambda x: data.scale_pixels(x, "grey"))(jnp.asarray(images))
+    np.testing.assert_allclose(on_jax, x, atol=6e-4)
+
+
 def test_equalized_pixels_spread_a_dark_image_and_agree_between_numpy_and_jax():
     # A dark sign (values 0..40) on a bright sky: equalisation spreads the dark part apart.
     rng = np.random.default_rng(1)

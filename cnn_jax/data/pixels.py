@@ -14,6 +14,8 @@ def scale_pixels(images, pixels: str):
     zero mean and unit spread over all its pixels (TensorFlow's per_image_standardization):
     dark and washed-out photos, common in GTSRB, reach the network at one contrast.
     'equalize' first equalises each image's histogram (see `_equalize`), then standardises.
+    'grey' first puts each pixel's luminance in all three channels (see `_grey`), then
+    standardises.
     """
     x = images.astype("float32")
     if pixels == "unit":
@@ -22,7 +24,9 @@ def scale_pixels(images, pixels: str):
         return x
     if pixels == "equalize":
         x = _equalize(x)
-    if pixels in ("standard", "equalize"):
+    if pixels == "grey":
+        x = _grey(x)
+    if pixels in ("standard", "equalize", "grey"):
         x = x / 255.0
         axes = (-3, -2, -1)
         # The floor keeps a flat image (one colour) from being blown up to noise.
@@ -55,6 +59,15 @@ def _equalize(x):
     curve = xp.cumsum(counts.reshape(n, 256), axis=1) * np.float32(255.0 / pixels)
     rows = xp.arange(n)[:, None, None]
     return curve[rows, level(flat)].astype(np.float32).reshape(x.shape)
+
+
+def _grey(x):
+    """Each pixel's luminance (ITU-R BT.601 weights) in all three channels, so the network's
+    input keeps its shape and an exported graph still takes RGB."""
+    xp = np if isinstance(x, np.ndarray) else _jnp()
+    weights = np.array([0.299, 0.587, 0.114], np.float32)[: x.shape[-1]]
+    luminance = (x * weights).sum(axis=-1, keepdims=True)
+    return xp.broadcast_to(luminance, x.shape)
 
 
 def _jnp():
