@@ -20,6 +20,9 @@ augmentation off and on, and of ensembles of 2-4 members against one, medians af
 epoch of `--steps` steps, on `--cpu-devices` CPU devices (1 unless given); beside each,
 Keras' Model 3 at the same settings (one network; with augmentation, Keras' own random layers
 in front of it), alternating round by round.
+
+Both sides run with glibc keeping freed memory (backend.keep_freed_memory, as `cnn-jax train`
+does); `--malloc-default` leaves glibc's defaults, for the figures from before that change.
 """
 
 import argparse
@@ -27,6 +30,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +41,7 @@ import keras
 import numpy as np
 
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
+from cnn_jax import backend
 from cnn_jax import data as data_lib
 from cnn_jax.config import Config, Strengths, with_recipe
 from cnn_jax.data.synthetic import make_synthetic
@@ -45,24 +51,21 @@ from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 
 
-def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4), devices=1) -> list[dict]:
-    rows = []
+def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_default=False):
+    """Each side in a process of its own, the two alternating `rounds` times: in one process,
+    TensorFlow's threads slowed JAX's step by a tenth or more (BENCHMARKS.md)."""
+    rows, keras_ms = [], {}
     for k in members:
         for augment in (False, True) if k == 1 else (True,):
-            cfg = with_recipe("strong", model=3, ensemble=k, augment=augment, devices=devices,
-                              platform="cpu")  # fmt: skip
-            trainer, state = create_trainer(cfg, 43, steps)
-            images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
-            order = np.arange(steps * cfg.batch_size)
-            seeds = np.arange(k, dtype=np.int32) if k > 1 else 0
-            keras_fit = _keras_recipe(ds, train_idx, steps, augment)
-            ms, keras_ms = [], []
-            for r in range(rounds + 1):  # round 0 compiles, both sides
-                state, round_ms, _ = train_epoch(trainer, state, images, labels, order, seeds)
-                ms += round_ms if r else []
-                keras_ms += keras_fit()[1:] if r else []  # a fit's first batch sets it up
+            ms = []
+            for _ in range(rounds):
+                ms += _side_round("jax", data, steps, k, augment, devices, malloc_default)
+                if k == 1:  # Keras' figure is one network's; ensembles rows reuse it
+                    keras_ms.setdefault(augment, [])
+                    keras_ms[augment] += _side_round("keras", data, steps, 1, augment, devices,
+                                                     malloc_default)  # fmt: skip
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
-                         "keras_ms_per_step": statistics.median(keras_ms)})  # fmt: skip
+                         "keras_ms_per_step": statistics.median(keras_ms[augment])})  # fmt: skip
             print(f"recipe model 3  devices {devices}  members {k}  "
                   f"augment {'on ' if augment else 'off'}  "
                   f"{rows[-1]['ms_per_step']:7.1f} ms/step  "
@@ -73,10 +76,36 @@ def bench_recipe(ds, train_idx, steps, rounds, members=(1, 2, 3, 4), devices=1) 
     return rows
 
 
+def _side_round(side, data, steps, members, augment, devices, malloc_default) -> list[float]:
+    """One side's timed steps after a warm-up round, from a fresh process (`--side`)."""
+    command = [sys.executable, __file__, *([data] if data else []), "--recipe", "--side", side]
+    command += ["--members", str(members), "--steps", str(steps), "--cpu-devices", str(devices)]
+    command += ["--augment"] * augment + ["--malloc-default"] * malloc_default
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def recipe_side(side, ds, train_idx, steps, members, augment, devices) -> list[float]:
+    """ms per step of one timed round of `side` ('jax' or 'keras'), after a warm-up round."""
+    if side == "keras":
+        fit = _keras_recipe(ds, train_idx, steps, augment)
+        fit()
+        return fit()[1:]  # a fit's first batch sets it up
+    cfg = with_recipe("strong", model=3, ensemble=members, augment=augment, devices=devices,
+                      platform="cpu")  # fmt: skip
+    trainer, state = create_trainer(cfg, 43, steps)
+    images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
+    order = np.arange(steps * cfg.batch_size)
+    seeds = np.arange(members, dtype=np.int32) if members > 1 else 0
+    state, _, _ = train_epoch(trainer, state, images, labels, order, seeds)  # compiles
+    return train_epoch(trainer, state, images, labels, order, seeds)[1]
+
+
 def _keras_recipe(ds, train_idx, steps, augment):
-    """A Keras Model 3 at the recipe's settings (32x32, standard pixels, batch 64, Adam), with
-    Keras' own random layers in front for augmentation (rotation, zoom, shear, shift,
-    brightness, contrast, as --augment): a function running one timed `fit` of `steps`."""
+    """A Keras Model 3 at the recipe's settings (32x32, standard pixels, batch 64, AdamW with
+    warmup and cosine decay, label smoothing), with Keras' own random layers in front for
+    augmentation (rotation, zoom, shear, shift, brightness, contrast, as --augment): a function
+    running one timed `fit` of `steps`."""
     net = create_model(3, 32)
     if augment:
         s = Strengths()
@@ -90,7 +119,14 @@ def _keras_recipe(ds, train_idx, steps, augment):
             keras.layers.Lambda(tf_standardize),
         ]
         net = keras.Sequential([keras.Input((32, 32, 3)), *layers, net])
-    net.compile(optimizer=keras.optimizers.Adam(2e-3), loss="categorical_crossentropy")
+    cfg = with_recipe("strong", model=3)
+    lr = keras.optimizers.schedules.CosineDecay(
+        0.0, steps * cfg.epochs, warmup_target=cfg.learning_rate, warmup_steps=steps
+    )
+    optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    net.compile(optimizer=optimizer, loss=loss)
     n = steps * 64
     x = ds.images[train_idx][:n].astype(np.float32)
     x = x if augment else data_lib.scale_pixels(x, "standard")
@@ -247,6 +283,14 @@ def main() -> None:
                    help="JAX's CPU devices for the training and inference rows (none: JAX's "
                    "own; cnn-jax train gives Model 3 one per core)")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
+    # --recipe's own: one side's round in a process of its own (bench_recipe runs them)
+    p.add_argument("--side", choices=("jax", "keras"), help=argparse.SUPPRESS)
+    p.add_argument("--augment", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc's malloc as it is (no backend.keep_freed_memory)",
+    )
     p.add_argument(
         "--processes",
         action="store_true",
@@ -263,14 +307,21 @@ def main() -> None:
         return
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
+    kept = not args.malloc_default and backend.keep_freed_memory()
     devices = args.cpu_devices or 1
     if args.recipe:
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         need = args.steps * 64
         train_idx = np.resize(np.arange(len(ds.labels)), need)
-        print(json.dumps(machine()))
-        bench_recipe(ds, train_idx, args.steps, args.rounds, args.members, devices)
+        if args.side:
+            ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
+                             devices)  # fmt: skip
+            print(json.dumps(ms))
+            return
+        print(json.dumps({**machine(), "keep_freed_memory": kept}))
+        bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
+                     args.malloc_default)  # fmt: skip
         return
     if args.quick:
         args.steps, args.rounds = 5, 1
@@ -280,7 +331,7 @@ def main() -> None:
     need = args.steps * 32
     if len(train_idx) < need:
         train_idx = np.resize(train_idx, need)
-    result = {"machine": machine(), "train": [], "inference": []}
+    result = {"machine": {**machine(), "keep_freed_memory": kept}, "train": [], "inference": []}
     variants = [("float32", 1), ("float32", 50), ("bfloat16", 1)]
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:

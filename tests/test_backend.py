@@ -1,5 +1,10 @@
 """Platform choices: the steps-per-call rule, deterministic GPU ops, matmul precision."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -79,3 +84,49 @@ def test_inference_splits_the_cpu_by_its_cores_before_jax_starts(monkeypatch, co
     monkeypatch.undo()
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     assert backend._give_cpu_devices(2) == 0 and len(jax.devices("cpu")) == 8
+
+
+# A compiled program whose scratch buffers (three 4 MB activations and their gradients) are
+# allocated and freed at every call, as a training step's are; prints the minor page faults
+# of 20 calls after a warm-up call.
+_SCRATCH_CALLS = """
+import resource, sys
+from cnn_jax import backend
+if sys.argv[1] == "keep":
+    assert backend.keep_freed_memory()
+import jax, jax.numpy as jnp
+from jax import lax
+
+def loss(k, x):
+    for _ in range(3):
+        x = jax.nn.relu(lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return jnp.sum(x)
+
+step = jax.jit(jax.grad(loss))
+k, x = jnp.full((3, 3, 32, 32), 0.01), jnp.ones((32, 32, 32, 32))
+jax.block_until_ready(step(k, x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    jax.block_until_ready(step(k, x))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="keep_freed_memory sets glibc's malloc",
+)
+def test_kept_freed_memory_spares_each_call_faulting_its_scratch_memory_in_again():
+    """With glibc's defaults a call's freed scratch memory went back to the system and the next
+    call faulted it in again (Model 3's recipe step: 900,000 minor faults in 45 steps, against
+    150,000 kept; 75 against 60 ms a step). Counts, not times: the same on any CPU."""
+
+    def faults(mode):
+        env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+        command = [sys.executable, "-c", _SCRATCH_CALLS, mode]
+        return int(subprocess.run(command, env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()[-1])  # fmt: skip
+
+    default, kept = faults("default"), faults("keep")
+    assert kept < default / 2, (kept, default)

@@ -17,6 +17,7 @@ def _classifying(platform: str | None) -> None:
     from cnn_jax.predictor import EVAL_BATCH
 
     backend.split_cpu_for_inference(platform, EVAL_BATCH)
+    backend.keep_freed_memory()
 
 
 def evaluate(args) -> int:
