@@ -22,23 +22,26 @@ DETERMINISTIC_OPTION = "xla_gpu_deterministic_ops"
 IMAGES_PER_CALL = 16_384
 
 
-# XLA:CPU allocates each call's scratch buffers (tens of MB for Model 3's step) with malloc, and
-# glibc returned the freed pages to the system at once, so every step faulted them in again:
-# 900,000 minor page faults in 45 steps of the recipe, and 75 instead of 60 ms a step on a 2-core
-# EPYC (BENCHMARKS.md). M_TOP_PAD (glibc's malloc.h) keeps that much freed memory per heap.
-M_TOP_PAD = -2
-KEPT_FREE_BYTES = 256 * 2**20
+# XLA:CPU allocates each call's scratch buffers anew (tens of MB for Model 3's step, one block of
+# 74 MB a device at 48x48), and with glibc's defaults they went back to the system when freed,
+# so every step faulted them in again (BENCHMARKS.md, "glibc's malloc"). Its worker threads
+# each take a heap of their own, capped at 64 MB, and mmap whatever does not fit; so all threads
+# share the main heap (M_ARENA_MAX), which never maps a block of its own (M_MMAP_MAX) and keeps
+# 256 MiB of freed memory at its top (M_TOP_PAD). Values from glibc's malloc.h.
+MALLOC_SETTINGS = {"M_TOP_PAD": (-2, 256 * 2**20), "M_MMAP_MAX": (-4, 0), "M_ARENA_MAX": (-8, 1)}
 
 
 def keep_freed_memory() -> bool:
-    """Asks glibc's malloc to keep up to KEPT_FREE_BYTES of freed memory at the top of each
-    heap for the next allocation, rather than hand it back to the system; process-wide, and
-    harmless to repeat. True where it did; elsewhere (no glibc) nothing changes."""
+    """Sets glibc's malloc to keep the memory a compiled call frees for the next call
+    (MALLOC_SETTINGS), process-wide. Call it before JAX starts: a thread keeps the heap it first
+    allocated from. True where it did; without glibc (or under another malloc) nothing changes."""
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):  # no C library to open by that name (Windows)
         return False
-    return bool(mallopt is not None and mallopt(M_TOP_PAD, KEPT_FREE_BYTES))
+    if mallopt is None:
+        return False
+    return all([mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values()])
 
 
 def compiler_options(platform: str, deterministic: bool) -> dict:

@@ -68,7 +68,6 @@ def fit(
     `config.val_size` the epoch best on the validation split is the run's model (its weights
     tested and returned in `metrics`); without, the last.
     """
-    backend.keep_freed_memory()  # XLA:CPU's scratch memory, kept from step to step
     run = _prepare(config, dataset)
     verbose = verbose and distributed.is_main()  # one process speaks (and writes) for the run
     say = print if verbose else (lambda *a, **k: None)

@@ -58,10 +58,11 @@ def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_de
     for k in members:
         for augment in (False, True) if k == 1 else (True,):
             ms = []
+            keras = augment not in keras_ms  # Keras' figure is one network's: measured once
+            keras_ms.setdefault(augment, [])
             for _ in range(rounds):
                 ms += _side_round("jax", data, steps, k, augment, devices, malloc_default)
-                if k == 1:  # Keras' figure is one network's; ensembles rows reuse it
-                    keras_ms.setdefault(augment, [])
+                if keras:
                     keras_ms[augment] += _side_round("keras", data, steps, 1, augment, devices,
                                                      malloc_default)  # fmt: skip
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
@@ -81,8 +82,10 @@ def _side_round(side, data, steps, members, augment, devices, malloc_default) ->
     command = [sys.executable, __file__, *([data] if data else []), "--recipe", "--side", side]
     command += ["--members", str(members), "--steps", str(steps), "--cpu-devices", str(devices)]
     command += ["--augment"] * augment + ["--malloc-default"] * malloc_default
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"bench.py --side {side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def recipe_side(side, ds, train_idx, steps, members, augment, devices) -> list[float]:
@@ -120,8 +123,10 @@ def _keras_recipe(ds, train_idx, steps, augment):
         ]
         net = keras.Sequential([keras.Input((32, 32, 3)), *layers, net])
     cfg = with_recipe("strong", model=3)
+    # optax's cosine counts its warmup in its steps (optim.schedule), Keras' after it
+    warmup = round(cfg.warmup_epochs * steps)
     lr = keras.optimizers.schedules.CosineDecay(
-        0.0, steps * cfg.epochs, warmup_target=cfg.learning_rate, warmup_steps=steps
+        0.0, steps * cfg.epochs - warmup, warmup_target=cfg.learning_rate, warmup_steps=warmup
     )
     optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -309,16 +314,15 @@ def main() -> None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
     kept = not args.malloc_default and backend.keep_freed_memory()
     devices = args.cpu_devices or 1
-    if args.recipe:
+    if args.side:  # one side's round, in a process of its own (bench_recipe)
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
-        need = args.steps * 64
-        train_idx = np.resize(np.arange(len(ds.labels)), need)
-        if args.side:
-            ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
-                             devices)  # fmt: skip
-            print(json.dumps(ms))
-            return
+        train_idx = np.resize(np.arange(len(ds.labels)), args.steps * 64)
+        ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
+                         devices)  # fmt: skip
+        print(json.dumps(ms))
+        return
+    if args.recipe:
         print(json.dumps({**machine(), "keep_freed_memory": kept}))
         bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
                      args.malloc_default)  # fmt: skip
