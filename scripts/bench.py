@@ -67,11 +67,13 @@ def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_de
                                                      malloc_default)  # fmt: skip
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
                          "keras_ms_per_step": statistics.median(keras_ms[augment])})  # fmt: skip
+            first = rows[0]  # one network without augmentation, when members holds 1
+            ratio = (f"{rows[-1]['ms_per_step'] / first['ms_per_step']:.2f}x one network without "
+                     "augmentation;  ") if first["members"] == 1 else ""  # fmt: skip
             print(f"recipe model 3  devices {devices}  members {k}  "
                   f"augment {'on ' if augment else 'off'}  "
-                  f"{rows[-1]['ms_per_step']:7.1f} ms/step  "
-                  f"{rows[-1]['ms_per_step'] / rows[0]['ms_per_step']:.2f}x one network "
-                  f"without augmentation;  Keras' Model 3, one network, augment "
+                  f"{rows[-1]['ms_per_step']:7.1f} ms/step  {ratio}"
+                  f"Keras' Model 3, one network, augment "
                   f"{'on ' if augment else 'off'} {rows[-1]['keras_ms_per_step']:7.1f} ms/step",
                   flush=True)  # fmt: skip
     return rows
