@@ -5,11 +5,12 @@ until the process has ended (it skips the interpreter's teardown)."""
 
 import sys
 
-from cnn_jax import signals
+from cnn_jax import backend, signals
 
 
 def run() -> int:
     signals.install()
+    backend.keep_freed_memory()  # before any thread starts: each keeps the heap it first used
     with signals.ending_at_once():
         from cnn_jax.cli import main
     code = main()  # which holds back any signal from the command's end on (signals.hold)

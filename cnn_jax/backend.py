@@ -33,8 +33,10 @@ MALLOC_SETTINGS = {"M_TOP_PAD": (-2, 256 * 2**20), "M_MMAP_MAX": (-4, 0), "M_ARE
 
 def keep_freed_memory() -> bool:
     """Sets glibc's malloc to keep the memory a compiled call frees for the next call
-    (MALLOC_SETTINGS), process-wide. Call it before JAX starts: a thread keeps the heap it first
-    allocated from. True where it did; without glibc (or under another malloc) nothing changes."""
+    (MALLOC_SETTINGS), process-wide; the `cnn-jax` command does it first. Call it before any
+    thread starts (JAX's, a data loader's): a thread keeps the heap it first allocated from.
+    True where glibc took the settings (a malloc preloaded in its place ignores them); without
+    glibc nothing changes."""
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):  # no C library to open by that name (Windows)

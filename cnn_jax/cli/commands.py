@@ -12,13 +12,10 @@ from cnn_jax.report import strict_json, test_line
 
 
 def _classifying(platform: str | None) -> None:
-    """Before JAX starts: the CPU's cores each classify a slice of every batch, and the memory
-    each batch frees is kept for the next (backend.keep_freed_memory)."""
+    """Before JAX starts: the CPU's cores each classify a slice of every batch."""
     from cnn_jax import backend
     from cnn_jax.predictor import EVAL_BATCH
 
-    if platform in (None, "cpu"):
-        backend.keep_freed_memory()
     backend.split_cpu_for_inference(platform, EVAL_BATCH)
 
 

@@ -40,8 +40,6 @@ def command(args) -> int:
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
         cfg = _config(args)
-        if cfg.platform in (None, "cpu"):
-            backend.keep_freed_memory()  # before JAX starts its threads
         if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
             backend.split_cpu(cfg.model, cfg.batch_size)  # before JAX starts
         _join(args)  # before anything touches the backend
