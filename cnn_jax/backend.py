@@ -31,12 +31,15 @@ IMAGES_PER_CALL = 16_384
 MALLOC_SETTINGS = {"M_TOP_PAD": (-2, 256 * 2**20), "M_MMAP_MAX": (-4, 0), "M_ARENA_MAX": (-8, 1)}
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(environ=os.environ) -> bool:
     """Sets glibc's malloc to keep the memory a compiled call frees for the next call
     (MALLOC_SETTINGS), process-wide; the `cnn-jax` command does it first. Call it before any
     thread starts (JAX's, a data loader's): a thread keeps the heap it first allocated from.
     True where glibc took the settings (a malloc preloaded in its place ignores them); without
-    glibc nothing changes."""
+    glibc nothing changes, nor where `environ` tunes glibc's malloc itself: a user's own
+    settings win (README: `MALLOC_TOP_PAD_=131072`, glibc's default, keeps all of its defaults)."""
+    if malloc_tuned_by(environ):
+        return False
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):  # no C library to open by that name (Windows)
@@ -44,6 +47,14 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     return all([mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values()])
+
+
+def malloc_tuned_by(environ) -> bool:
+    """Whether the environment sets glibc's malloc: its MALLOC_* variables or a glibc.malloc
+    tunable in GLIBC_TUNABLES."""
+    return any(key.startswith("MALLOC_") for key in environ) or "glibc.malloc." in environ.get(
+        "GLIBC_TUNABLES", ""
+    )
 
 
 def compiler_options(platform: str, deterministic: bool) -> dict:

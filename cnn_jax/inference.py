@@ -154,6 +154,44 @@ def evaluate_checkpoint(
     }
 
 
+def evaluate_committee(
+    restored: list[Restored], data_dir=None, layout="auto", cache_dir=None
+) -> dict[str, Any]:
+    """Runs trained apart, each at its own image size and pixel scaling, evaluated as one
+    network by their mean probabilities: on every image of `data_dir`, or on their runs' test
+    split, which must then be one split (a seed, --split or --test-size of its own would put
+    another run's training images in it)."""
+    tested = [probabilities_on(r, data_dir, layout, cache_dir) for r in restored]
+    first = tested[0]
+    for t in tested[1:]:
+        if not (np.array_equal(t.paths, first.paths) and np.array_equal(t.labels, first.labels)):
+            raise UserError(
+                f"{t.checkpoint} and {first.checkpoint} were tested on other images (their runs "
+                "split the data apart: another seed, --split or --test-size, or other data): a "
+                "committee is judged on images none of its runs trained on"
+            )
+    probs = np.mean([t.probabilities for t in tested], axis=0)
+    labels = first.labels
+    predictions = np.argmax(probs, axis=-1)
+    return {
+        "checkpoint": [t.checkpoint for t in tested],
+        "data": first.source,
+        "n": len(labels),
+        "loss": float(np.mean(-np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
+        "accuracy": float(np.mean(predictions == labels)),
+        "per_class": [
+            {
+                "class": int(c),
+                "name": sign_name(int(c)),
+                "n": int(np.sum(labels == c)),
+                "accuracy": float(np.mean(predictions[labels == c] == c)),
+            }
+            for c in np.unique(labels)
+        ],  # fmt: skip
+        "member_accuracy": [float(np.mean(t.probabilities.argmax(-1) == labels)) for t in tested],
+    }
+
+
 def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
     """For each path, (path, [(class, name, probability), ...] or an error string, and for an
     ensemble each member's top (class, name, probability), else None)."""

@@ -114,6 +114,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.parametrize(
+    "environ, tuned",
+    [
+        ({}, False),
+        ({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, False),
+        ({"MALLOC_TOP_PAD_": "131072"}, True),
+        ({"MALLOC_ARENA_MAX": "8"}, True),
+        ({"GLIBC_TUNABLES": "glibc.rtld.nns=4:glibc.malloc.arena_max=2"}, True),
+    ],
+)
+def test_a_users_own_malloc_settings_are_left_as_set(environ, tuned):
+    assert backend.malloc_tuned_by(environ) is tuned
+    if tuned:  # returns before it sets anything, so this process's malloc stays as it was
+        assert backend.keep_freed_memory(environ) is False
+
+
 _OTHER_MALLOC = [k for k in os.environ if k == "LD_PRELOAD" or k.startswith(("MALLOC_", "GLIBC_"))]
 
 

@@ -1,9 +1,11 @@
 """Test-time augmentation: the mean of the image's and its changed copies' probabilities."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
+import pytest
 
 from cnn_jax import augment
 from cnn_jax.cli import main
@@ -58,3 +60,41 @@ def test_a_tta_out_of_range_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["evaluate", str(tmp_path), "--tta", value]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--tta must be between 1 and 32" in err
+
+
+def _evaluated(capsys, *args):
+    capsys.readouterr()
+    assert main(["evaluate", *args, "--json", "--platform", "cpu"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(tmp_path, capsys):
+    from cnn_jax.inference import load_checkpoint, probabilities_on
+
+    runs = {}
+    for name, size, seed, pixels in [
+        ("a", 16, 0, "unit"),
+        ("b", 20, 0, "grey"),
+        ("c", 16, 1, "unit"),
+    ]:
+        runs[name] = str(tmp_path / name)
+        args = ["train", "--model", "2", "--image-size", str(size), "--seed", str(seed),
+                "--pixels", pixels, "--synthetic-per-class", "6", "--epochs", "1",
+                "--platform", "cpu", "--devices", "1", "--quiet",
+                "--workdir", runs[name]]  # fmt: skip
+        assert main(args) == 0
+    result = _evaluated(capsys, runs["a"], "--average-with", runs["b"])
+    tested = [probabilities_on(load_checkpoint(runs[r], "cpu")) for r in "ab"]
+    labels = tested[0].labels
+    mean = (tested[0].probabilities + tested[1].probabilities) / 2
+    assert result["accuracy"] == np.mean(mean.argmax(-1) == labels) and result["n"] == len(labels)
+    alone = [_evaluated(capsys, runs[r])["accuracy"] for r in "ab"]
+    assert result["member_accuracy"] == pytest.approx(alone, abs=1e-6)
+    assert np.abs(tested[0].probabilities - tested[1].probabilities).max() > 1e-3  # two networks
+    np.testing.assert_allclose(
+        result["loss"], np.mean(-np.log(mean[np.arange(len(labels)), labels] + 1e-12)), rtol=1e-6
+    )
+    # Seed 1 splits the signs apart: its training images would be in seed 0's test split.
+    assert main(["evaluate", runs["a"], "--average-with", runs["c"], "--platform", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "were tested on other images" in err

@@ -20,28 +20,33 @@ def _classifying(platform: str | None) -> None:
 
 
 def evaluate(args) -> int:
-    from cnn_jax.inference import evaluate_checkpoint, load_checkpoint
+    from cnn_jax.inference import evaluate_checkpoint, evaluate_committee, load_checkpoint
 
     _classifying(args.platform)
 
-    result = evaluate_checkpoint(
-        load_checkpoint(args.checkpoint, args.platform, args.tta),
-        args.data,
-        args.layout,
-        args.cache_dir,
-    )
+    restored = load_checkpoint(args.checkpoint, args.platform, args.tta)
+    if args.average_with:
+        others = [load_checkpoint(run, args.platform, args.tta) for run in args.average_with]
+        result = evaluate_committee([restored, *others], args.data, args.layout, args.cache_dir)
+    else:
+        result = evaluate_checkpoint(restored, args.data, args.layout, args.cache_dir)
     if args.json:
         print(strict_json(result))
         return 0
-    print(f"checkpoint: {result['checkpoint']}")
-    print(
-        f"data: {result['data']} ({result['n']:,} images, {len(result['skipped_files'])} skipped)"
-    )
+    if args.average_with:
+        print(f"committee of {len(result['checkpoint'])}: {', '.join(result['checkpoint'])}")
+        print(f"data: {result['data']} ({result['n']:,} images)")
+    else:
+        print(f"checkpoint: {result['checkpoint']}")
+        skipped = len(result["skipped_files"])
+        print(f"data: {result['data']} ({result['n']:,} images, {skipped} skipped)")
     print(f"{'class':>5}  {'images':>6}  {'accuracy':>8}  sign")
     for row in result["per_class"]:
         print(f"{row['class']:>5}  {row['n']:>6}  {row['accuracy']:>8.4f}  {row['name']}")
     for m, acc in enumerate(result.get("member_accuracy", [])):
-        print(f"ensemble member {m}: accuracy {acc:.4f}")
+        member = result["checkpoint"][m] if args.average_with else m
+        print(f"{'committee' if args.average_with else 'ensemble'} member {member}: "
+              f"accuracy {acc:.4f}")  # fmt: skip
     print(test_line(result["loss"], result["accuracy"]))
     return 0
 
