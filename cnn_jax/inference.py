@@ -170,6 +170,12 @@ def evaluate_committee(
                 "split the data apart: another seed, --split or --test-size, or other data): a "
                 "committee is judged on images none of its runs trained on"
             )
+        if t.probabilities.shape != first.probabilities.shape:
+            raise UserError(
+                f"{t.checkpoint} knows {t.probabilities.shape[1]} classes and "
+                f"{first.checkpoint} {first.probabilities.shape[1]}: a committee's runs must "
+                "know the same classes"
+            )
     probs = np.mean([t.probabilities for t in tested], axis=0)
     labels = first.labels
     predictions = np.argmax(probs, axis=-1)

@@ -10,6 +10,7 @@ import pytest
 from cnn_jax import augment
 from cnn_jax.cli import main
 from cnn_jax.config import Config
+from cnn_jax.errors import UserError
 from cnn_jax.steps import create_trainer
 
 
@@ -72,16 +73,15 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
     runs = {}
-    for name, size, seed, pixels in [
-        ("a", 16, 0, "unit"),
-        ("b", 20, 0, "grey"),
-        ("c", 16, 1, "unit"),
+    for name, size, seed, extra in [
+        ("a", 16, 0, []),
+        ("b", 20, 0, ["--pixels", "grey"]),
+        ("c", 16, 1, []),  # another seed: another split
     ]:
         runs[name] = str(tmp_path / name)
         args = ["train", "--model", "2", "--image-size", str(size), "--seed", str(seed),
-                "--pixels", pixels, "--synthetic-per-class", "6", "--epochs", "1",
-                "--platform", "cpu", "--devices", "1", "--quiet",
-                "--workdir", runs[name]]  # fmt: skip
+                "--synthetic-per-class", "6", "--epochs", "1", "--platform", "cpu",
+                "--devices", "1", "--quiet", "--workdir", runs[name], *extra]  # fmt: skip
         assert main(args) == 0
     result = _evaluated(capsys, runs["a"], "--average-with", runs["b"])
     tested = [probabilities_on(load_checkpoint(runs[r], "cpu")) for r in "ab"]
@@ -95,6 +95,19 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
         result["loss"], np.mean(-np.log(mean[np.arange(len(labels)), labels] + 1e-12)), rtol=1e-6
     )
     # Seed 1 splits the signs apart: its training images would be in seed 0's test split.
-    assert main(["evaluate", runs["a"], "--average-with", runs["c"], "--platform", "cpu"]) == 2
+    assert main(["evaluate", runs["a"], "--average-with", runs["c"]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "were tested on other images" in err
+
+
+def test_a_committee_refuses_runs_that_know_other_classes(monkeypatch):
+    from cnn_jax import inference
+
+    labels, paths = np.array([0, 1]), np.array(["0/a.ppm", "1/b.ppm"])
+    tested = {
+        name: inference.Tested(None, labels, np.full((2, classes), 1 / classes), "", name, paths)
+        for name, classes in [("a", 43), ("b", 50)]
+    }
+    monkeypatch.setattr(inference, "probabilities_on", lambda run, *args: tested[run])
+    with pytest.raises(UserError, match="b knows 50 classes and a 43"):
+        inference.evaluate_committee(["a", "b"])
