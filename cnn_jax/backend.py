@@ -36,9 +36,8 @@ def keep_freed_memory(environ=os.environ) -> bool:
     (MALLOC_SETTINGS), process-wide; the `cnn-jax` command does it first. Call it before any
     thread starts (JAX's, a data loader's): a thread keeps the heap it first allocated from.
     True where glibc took the settings (a malloc preloaded in its place ignores them); without
-    glibc nothing changes, nor where `environ` tunes glibc's malloc itself: a user's own
-    settings win (README: `MALLOC_TOP_PAD_=131072`, glibc's default, keeps all of its defaults)."""
-    if malloc_tuned_by(environ):
+    glibc nothing changes, nor where `environ` says to leave malloc alone (`malloc_left_alone`)."""
+    if malloc_left_alone(environ):
         return False
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
@@ -49,12 +48,18 @@ def keep_freed_memory(environ=os.environ) -> bool:
     return all([mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values()])
 
 
-def malloc_tuned_by(environ) -> bool:
-    """Whether the environment sets glibc's malloc: its MALLOC_* variables or a glibc.malloc
-    tunable in GLIBC_TUNABLES."""
-    return any(key.startswith("MALLOC_") for key in environ) or "glibc.malloc." in environ.get(
-        "GLIBC_TUNABLES", ""
-    )
+# Set to 0 (or false, no, off): keep_freed_memory leaves glibc's malloc at its defaults, for
+# less resident memory.
+KEEP_FREED_MEMORY_VARIABLE = "CNN_JAX_KEEP_FREED_MEMORY"
+
+
+def malloc_left_alone(environ) -> bool:
+    """Whether the environment asks keep_freed_memory to change nothing: it switches it off, or
+    it tunes glibc's malloc itself (MALLOC_* variables, glibc.malloc.* in GLIBC_TUNABLES), and a
+    user's own settings win."""
+    off = environ.get(KEEP_FREED_MEMORY_VARIABLE, "").strip().lower() in ("0", "false", "no", "off")
+    tuned = any(key.startswith("MALLOC_") for key in environ)
+    return off or tuned or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
 def compiler_options(platform: str, deterministic: bool) -> dict:

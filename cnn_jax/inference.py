@@ -160,31 +160,27 @@ def evaluate_committee(
     """Runs trained apart, each at its own image size and pixel scaling, evaluated as one
     network by their mean probabilities: on every image of `data_dir`, or on their runs' test
     split, which must then be one split (a seed, --split or --test-size of its own would put
-    another run's training images in it)."""
-    tested = [probabilities_on(r, data_dir, layout, cache_dir) for r in restored]
-    first = tested[0]
-    for t in tested[1:]:
-        if not (np.array_equal(t.paths, first.paths) and np.array_equal(t.labels, first.labels)):
-            raise UserError(
-                f"{t.checkpoint} and {first.checkpoint} were tested on other images (their runs "
-                "split the data apart: another seed, --split or --test-size, or other data): a "
-                "committee is judged on images none of its runs trained on"
-            )
-        if t.probabilities.shape != first.probabilities.shape:
-            raise UserError(
-                f"{t.checkpoint} knows {t.probabilities.shape[1]} classes and "
-                f"{first.checkpoint} {first.probabilities.shape[1]}: a committee's runs must "
-                "know the same classes"
-            )
-    probs = np.mean([t.probabilities for t in tested], axis=0)
-    labels = first.labels
+    another run's training images in it). Checked before any network runs."""
+    _check_committee(restored, data_dir)
+    loaded = [evaluation_data(r, data_dir, layout, cache_dir) for r in restored]
+    ds, idx, source = loaded[0]
+    for r, (other, other_idx, _) in zip(restored[1:], loaded[1:]):
+        if not (
+            np.array_equal(other.paths[other_idx], ds.paths[idx])
+            and np.array_equal(other.labels[other_idx], ds.labels[idx])
+        ):
+            raise UserError(f"{r.directory} and {restored[0].directory} {_apart(data_dir)}")
+    each = [probabilities(r, d.images[i]) for r, (d, i, _) in zip(restored, loaded)]
+    probs, labels = np.mean(each, axis=0), ds.labels[idx]
     predictions = np.argmax(probs, axis=-1)
     return {
-        "checkpoint": [t.checkpoint for t in tested],
-        "data": first.source,
-        "n": len(labels),
+        "checkpoint": str(restored[0].directory),
+        "committee": [str(r.directory) for r in restored],
+        "data": source,
+        "skipped_files": [{"path": p, "reason": r} for p, r in ds.skipped],
         "loss": float(np.mean(-np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
         "accuracy": float(np.mean(predictions == labels)),
+        "n": len(labels),
         "per_class": [
             {
                 "class": int(c),
@@ -194,8 +190,38 @@ def evaluate_committee(
             }
             for c in np.unique(labels)
         ],  # fmt: skip
-        "member_accuracy": [float(np.mean(t.probabilities.argmax(-1) == labels)) for t in tested],
+        "committee_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in each],
     }
+
+
+def _check_committee(restored: list[Restored], data_dir) -> None:
+    """What makes a committee meaningless, known from the runs' settings alone."""
+    first = restored[0]
+    for r in restored[1:]:
+        if r.directory.resolve() == first.directory.resolve():
+            raise UserError(f"{r.directory} is in the committee twice")
+        if r.meta.num_classes != first.meta.num_classes:
+            raise UserError(
+                f"{r.directory} knows {r.meta.num_classes} classes and {first.directory} "
+                f"{first.meta.num_classes}: a committee's runs must know the same classes"
+            )
+    synthetic = {(r.config.image_size, r.config.synthetic_per_class, r.config.num_classes)
+                 for r in restored if r.config.data is None}  # fmt: skip
+    if data_dir is None and len(synthetic) > 1:
+        raise UserError(
+            "the synthetic signs are drawn anew for each image size and count, so these runs "
+            "were not tested on the same images: give a data folder to evaluate on"
+        )
+
+
+def _apart(data_dir) -> str:
+    if data_dir is None:
+        return (
+            "were tested on other images (their runs split the data apart: another seed, "
+            "--split or --test-size, or other data): a committee is judged on images none of "
+            "its runs trained on"
+        )
+    return f"read other images from {data_dir} (another --decoder skips other files)"
 
 
 def predict_files(restored: Restored, paths: list[str], top_k: int = 3):

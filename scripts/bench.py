@@ -328,7 +328,8 @@ def main() -> None:
         print(json.dumps(ms))
         return
     if args.recipe:
-        print(json.dumps({**machine(), "jax_keep_freed_memory": not args.malloc_default}))
+        kept = not (args.malloc_default or backend.malloc_left_alone(os.environ))
+        print(json.dumps({**machine(), "jax_keep_freed_memory": kept}))
         bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
                      args.malloc_default)  # fmt: skip
         return
@@ -341,8 +342,10 @@ def main() -> None:
     if len(train_idx) < need:
         train_idx = np.resize(train_idx, need)
     result = {"machine": machine(), "train": [], "inference": []}
-    # A call of 50 steps when the round has fewer would compute steps that are not timed.
-    variants = [("float32", 1), ("float32", min(50, args.steps)), ("bfloat16", 1)]
+    # Calls of up to 50 steps that divide the round: a call past its end computes steps that
+    # are not timed.
+    per_call = max(d for d in range(1, 51) if args.steps % d == 0)
+    variants = [("float32", 1), ("float32", per_call), ("bfloat16", 1)]
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:
             jax_ms, keras_ms, trainer, state, net = bench_training(

@@ -115,22 +115,25 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.parametrize(
-    "environ, tuned",
+    "environ, alone",
     [
         ({}, False),
         ({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, False),
+        ({"CNN_JAX_KEEP_FREED_MEMORY": "1"}, False),
+        ({"CNN_JAX_KEEP_FREED_MEMORY": "0"}, True),
+        ({"CNN_JAX_KEEP_FREED_MEMORY": " Off"}, True),
         ({"MALLOC_TOP_PAD_": "131072"}, True),
         ({"MALLOC_ARENA_MAX": "8"}, True),
         ({"GLIBC_TUNABLES": "glibc.rtld.nns=4:glibc.malloc.arena_max=2"}, True),
     ],
 )
-def test_a_users_own_malloc_settings_are_left_as_set(environ, tuned):
-    assert backend.malloc_tuned_by(environ) is tuned
-    if tuned:  # returns before it sets anything, so this process's malloc stays as it was
+def test_malloc_is_left_as_the_environment_says(environ, alone):
+    assert backend.malloc_left_alone(environ) is alone
+    if alone:  # returns before it sets anything, so this process's malloc stays as it was
         assert backend.keep_freed_memory(environ) is False
 
 
-_OTHER_MALLOC = [k for k in os.environ if k == "LD_PRELOAD" or k.startswith(("MALLOC_", "GLIBC_"))]
+_OTHER_MALLOC = "LD_PRELOAD" in os.environ or backend.malloc_left_alone(os.environ)
 
 
 @pytest.mark.skipif(

@@ -69,9 +69,23 @@ def _evaluated(capsys, *args):
     return json.loads(capsys.readouterr().out)
 
 
+def _signs_folder(root):
+    """The synthetic signs as files, so that every image size reads the same photos."""
+    from PIL import Image
+
+    from cnn_jax.data.synthetic import make_synthetic
+
+    signs = make_synthetic(n_per_class=6, image_size=40)
+    for image, path in zip(signs.images, signs.paths):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / path)
+    return root / "synthetic"
+
+
 def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(tmp_path, capsys):
     from cnn_jax.inference import load_checkpoint, probabilities_on
 
+    folder, cache = _signs_folder(tmp_path), str(tmp_path / "cache")
     runs = {}
     for name, size, seed, extra in [
         ("a", 16, 0, []),
@@ -79,35 +93,55 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
         ("c", 16, 1, []),  # another seed: another split
     ]:
         runs[name] = str(tmp_path / name)
-        args = ["train", "--model", "2", "--image-size", str(size), "--seed", str(seed),
-                "--synthetic-per-class", "6", "--epochs", "1", "--platform", "cpu",
-                "--devices", "1", "--quiet", "--workdir", runs[name], *extra]  # fmt: skip
+        args = ["train", str(folder), "--model", "2", "--image-size", str(size), "--seed",
+                str(seed), "--epochs", "1", "--platform", "cpu", "--devices", "1", "--quiet",
+                "--cache-dir", cache, "--workdir", runs[name], *extra]  # fmt: skip
         assert main(args) == 0
-    result = _evaluated(capsys, runs["a"], "--average-with", runs["b"])
-    tested = [probabilities_on(load_checkpoint(runs[r], "cpu")) for r in "ab"]
+    result = _evaluated(capsys, runs["a"], "--average-with", runs["b"], "--cache-dir", cache)
+    tested = [probabilities_on(load_checkpoint(runs[r], "cpu"), cache_dir=cache) for r in "ab"]
     labels = tested[0].labels
-    mean = (tested[0].probabilities + tested[1].probabilities) / 2
-    assert result["accuracy"] == np.mean(mean.argmax(-1) == labels) and result["n"] == len(labels)
-    alone = [_evaluated(capsys, runs[r])["accuracy"] for r in "ab"]
-    assert result["member_accuracy"] == pytest.approx(alone, abs=1e-6)
+    assert np.array_equal(tested[1].paths, tested[0].paths) and result["n"] == len(labels)
     assert np.abs(tested[0].probabilities - tested[1].probabilities).max() > 1e-3  # two networks
+    mean = (tested[0].probabilities + tested[1].probabilities) / 2
+    assert result["accuracy"] == np.mean(mean.argmax(-1) == labels)
     np.testing.assert_allclose(
         result["loss"], np.mean(-np.log(mean[np.arange(len(labels)), labels] + 1e-12)), rtol=1e-6
     )
+    alone = [_evaluated(capsys, runs[r], "--cache-dir", cache)["accuracy"] for r in "ab"]
+    assert result["committee_accuracy"] == pytest.approx(alone, abs=1e-6)
+    assert result["checkpoint"] == result["committee"][0] and len(result["committee"]) == 2
     # Seed 1 splits the signs apart: its training images would be in seed 0's test split.
-    assert main(["evaluate", runs["a"], "--average-with", runs["c"]]) == 2
+    args = ["evaluate", runs["a"], "--average-with", runs["c"], "--cache-dir", cache]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "were tested on other images" in err
+    # On a folder every image is tested, so any runs of its classes may sit together.
+    on_folder = _evaluated(capsys, runs["a"], str(folder), "--average-with", runs["c"],
+                           "--cache-dir", cache)  # fmt: skip
+    assert on_folder["n"] == 43 * 6
 
 
-def test_a_committee_refuses_runs_that_know_other_classes(monkeypatch):
+@pytest.mark.parametrize(
+    "runs, message",
+    [
+        ([("r", 43, 16, "d"), ("r", 43, 16, "d")], "r is in the committee twice"),
+        ([("r", 43, 16, "d"), ("s", 50, 16, "d")], "s knows 50 classes and r 43"),
+        ([("r", 43, 16, None), ("s", 43, 20, None)], "synthetic signs are drawn anew"),
+    ],
+)
+def test_a_committee_that_would_mean_nothing_is_refused_before_it_runs(runs, message):
+    from pathlib import Path
+    from types import SimpleNamespace
+
     from cnn_jax import inference
 
-    labels, paths = np.array([0, 1]), np.array(["0/a.ppm", "1/b.ppm"])
-    tested = {
-        name: inference.Tested(None, labels, np.full((2, classes), 1 / classes), "", name, paths)
-        for name, classes in [("a", 43), ("b", 50)]
-    }
-    monkeypatch.setattr(inference, "probabilities_on", lambda run, *args: tested[run])
-    with pytest.raises(UserError, match="b knows 50 classes and a 43"):
-        inference.evaluate_committee(["a", "b"])
+    restored = [
+        SimpleNamespace(
+            directory=Path(name),
+            meta=SimpleNamespace(num_classes=classes),
+            config=Config(image_size=size, data=data),
+        )
+        for name, classes, size, data in runs
+    ]
+    with pytest.raises(UserError, match=message):
+        inference.evaluate_committee(restored)

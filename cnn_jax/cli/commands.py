@@ -33,20 +33,18 @@ def evaluate(args) -> int:
     if args.json:
         print(strict_json(result))
         return 0
-    if args.average_with:
-        print(f"committee of {len(result['checkpoint'])}: {', '.join(result['checkpoint'])}")
-        print(f"data: {result['data']} ({result['n']:,} images)")
-    else:
-        print(f"checkpoint: {result['checkpoint']}")
-        skipped = len(result["skipped_files"])
-        print(f"data: {result['data']} ({result['n']:,} images, {skipped} skipped)")
+    print(f"checkpoint: {result['checkpoint']}")
+    for other in result.get("committee", [])[1:]:
+        print(f"averaged with: {other}")
+    skipped = len(result["skipped_files"])
+    print(f"data: {result['data']} ({result['n']:,} images, {skipped} skipped)")
     print(f"{'class':>5}  {'images':>6}  {'accuracy':>8}  sign")
     for row in result["per_class"]:
         print(f"{row['class']:>5}  {row['n']:>6}  {row['accuracy']:>8.4f}  {row['name']}")
     for m, acc in enumerate(result.get("member_accuracy", [])):
-        member = result["checkpoint"][m] if args.average_with else m
-        print(f"{'committee' if args.average_with else 'ensemble'} member {member}: "
-              f"accuracy {acc:.4f}")  # fmt: skip
+        print(f"ensemble member {m}: accuracy {acc:.4f}")
+    for run, acc in zip(result.get("committee", []), result.get("committee_accuracy", [])):
+        print(f"alone, {run}: accuracy {acc:.4f}")
     print(test_line(result["loss"], result["accuracy"]))
     return 0
 

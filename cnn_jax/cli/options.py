@@ -178,10 +178,10 @@ def _checkpoint_commands(command) -> None:
     e.add_argument("data", nargs="?", help="data folder or packed .npz; none: the run's test split")
     e.add_argument("--layout", choices=config_lib.LAYOUTS, default="auto", help="folder layout")
     e.add_argument("--cache-dir", help="decoded-image cache; none: $XDG_CACHE_HOME/cnn-jax")
-    e.add_argument("--average-with", nargs="+", default=[], metavar="RUN",
-                   help="other runs (any image size and pixel scaling) whose probabilities are "
-                   "averaged with the checkpoint's: a committee; without DATA, every run must "
-                   "have the same test split (give DATA before this option)")  # fmt: skip
+    e.add_argument("--average-with", action="append", default=[], metavar="RUN",
+                   help="another run (any image size and pixel scaling) whose probabilities "
+                   "are averaged with the checkpoint's, a committee; repeat it for more. "
+                   "Without DATA, the runs must share one test split")  # fmt: skip
     pr = reads_checkpoint("predict", "classify image files with a checkpoint")
     pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
     pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
