@@ -6,11 +6,16 @@ until the process has ended (it skips the interpreter's teardown)."""
 import sys
 
 from cnn_jax import backend, signals
+from cnn_jax.errors import UserError
 
 
 def run() -> int:
     signals.install()
-    backend.keep_freed_memory()  # before any thread starts: each keeps the heap it first used
+    try:
+        backend.keep_freed_memory()  # before any thread starts: each keeps the heap it first used
+    except UserError as e:  # its switch in the environment is neither on nor off
+        print(f"cnn-jax: error: {e}", file=sys.stderr)
+        signals.exit_now(2)
     with signals.ending_at_once():
         from cnn_jax.cli import main
     code = main()  # which holds back any signal from the command's end on (signals.hold)

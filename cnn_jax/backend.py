@@ -48,17 +48,22 @@ def keep_freed_memory(environ=os.environ) -> bool:
     return all([mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values()])
 
 
-# Set to 0 (or false, no, off): keep_freed_memory leaves glibc's malloc at its defaults, for
-# less resident memory.
+# 0 (or false, no, off): keep_freed_memory leaves glibc's malloc at its defaults, for less
+# resident memory; 1 (true, yes, on) or unset: it sets MALLOC_SETTINGS.
 KEEP_FREED_MEMORY_VARIABLE = "CNN_JAX_KEEP_FREED_MEMORY"
+_SWITCH = {"0": False, "false": False, "no": False, "off": False,
+           "1": True, "true": True, "yes": True, "on": True, "": True}  # fmt: skip
 
 
 def malloc_left_alone(environ) -> bool:
     """Whether the environment asks keep_freed_memory to change nothing: it switches it off, or
     it tunes glibc's malloc itself (MALLOC_* variables, glibc.malloc.* in GLIBC_TUNABLES), and a
-    user's own settings win."""
-    off = environ.get(KEEP_FREED_MEMORY_VARIABLE, "").strip().lower() in ("0", "false", "no", "off")
+    user's own settings win. A switch that is neither on nor off is a UserError."""
+    value = environ.get(KEEP_FREED_MEMORY_VARIABLE, "")
+    if value.strip().lower() not in _SWITCH:
+        raise UserError(f"{KEEP_FREED_MEMORY_VARIABLE}={value!r}: set it to 0 (off) or 1 (on)")
     tuned = any(key.startswith("MALLOC_") for key in environ)
+    off = not _SWITCH[value.strip().lower()]
     return off or tuned or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 

@@ -141,17 +141,29 @@ def evaluate_checkpoint(
     """Every image of `data_dir`, or without one the run's own test split, evaluated."""
     ds, idx, source = evaluation_data(restored, data_dir, layout, cache_dir)
     ev = evaluate(restored.predictor, restored.params, ds.images[idx], ds.labels[idx])
-    ev.pop("predictions")
+    predictions = ev.pop("predictions")
+    ev.pop("per_class_accuracy")
+    return {
+        **_header(restored, ds, source),
+        **ev,
+        "per_class": _per_class(ds.labels[idx], predictions),
+    }
+
+
+def _header(restored: Restored, ds, source: str) -> dict[str, Any]:
     return {
         "checkpoint": str(restored.directory),
         "data": source,
         "skipped_files": [{"path": p, "reason": r} for p, r in ds.skipped],
-        **ev,
-        "per_class": [
-            {"class": c, "name": sign_name(c), "n": int(np.sum(ds.labels[idx] == c)), "accuracy": a}
-            for c, a in ev.pop("per_class_accuracy").items()
-        ],
     }
+
+
+def _per_class(labels: np.ndarray, predictions: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {"class": int(c), "name": sign_name(int(c)), "n": int(np.sum(labels == c)),
+         "accuracy": float(np.mean(predictions[labels == c] == c))}
+        for c in np.unique(labels)
+    ]  # fmt: skip
 
 
 def evaluate_committee(
@@ -174,39 +186,34 @@ def evaluate_committee(
     probs, labels = np.mean(each, axis=0), ds.labels[idx]
     predictions = np.argmax(probs, axis=-1)
     return {
-        "checkpoint": str(restored[0].directory),
+        **_header(restored[0], ds, source),
         "committee": [str(r.directory) for r in restored],
-        "data": source,
-        "skipped_files": [{"path": p, "reason": r} for p, r in ds.skipped],
+        # as the predictor's loss for an ensemble's mean probabilities
         "loss": float(np.mean(-np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
         "accuracy": float(np.mean(predictions == labels)),
         "n": len(labels),
-        "per_class": [
-            {
-                "class": int(c),
-                "name": sign_name(int(c)),
-                "n": int(np.sum(labels == c)),
-                "accuracy": float(np.mean(predictions[labels == c] == c)),
-            }
-            for c in np.unique(labels)
-        ],  # fmt: skip
         "committee_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in each],
+        "per_class": _per_class(labels, predictions),
     }
 
 
 def _check_committee(restored: list[Restored], data_dir) -> None:
     """What makes a committee meaningless, known from the runs' settings alone."""
     first = restored[0]
+    if len({r.directory.resolve() for r in restored}) < len(restored):
+        raise UserError("a run is in the committee twice: each run counts once")
     for r in restored[1:]:
-        if r.directory.resolve() == first.directory.resolve():
-            raise UserError(f"{r.directory} is in the committee twice")
         if r.meta.num_classes != first.meta.num_classes:
             raise UserError(
                 f"{r.directory} knows {r.meta.num_classes} classes and {first.directory} "
                 f"{first.meta.num_classes}: a committee's runs must know the same classes"
             )
-    synthetic = {(r.config.image_size, r.config.synthetic_per_class, r.config.num_classes)
-                 for r in restored if r.config.data is None}  # fmt: skip
+    # Imported runs have no data of their own either; evaluation_data says so.
+    synthetic = {
+        (r.config.image_size, r.config.synthetic_per_class, r.config.num_classes or 43)
+        for r in restored
+        if r.config.data is None and not r.meta.imported_from
+    }
     if data_dir is None and len(synthetic) > 1:
         raise UserError(
             "the synthetic signs are drawn anew for each image size and count, so these runs "

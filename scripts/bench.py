@@ -277,6 +277,11 @@ def machine() -> dict:
     }
 
 
+def _keeps_freed_memory(args) -> bool:
+    """Whether JAX's side is to run with backend.keep_freed_memory."""
+    return not (args.malloc_default or backend.malloc_left_alone(os.environ))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="?", default=None, help="data folder; none: synthetic signs")
@@ -318,8 +323,9 @@ def main() -> None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
     devices = args.cpu_devices or 1
     if args.side:  # one side's round, in a process of its own (bench_recipe)
-        if args.side == "jax" and not args.malloc_default:
-            backend.keep_freed_memory()  # as `cnn-jax` does; Keras keeps glibc's defaults
+        if args.side == "jax" and _keeps_freed_memory(args) and not backend.keep_freed_memory():
+            # as `cnn-jax` does; Keras keeps glibc's defaults
+            raise SystemExit("glibc did not take the memory setting: run with --malloc-default")
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         train_idx = np.resize(np.arange(len(ds.labels)), args.steps * 64)
@@ -328,8 +334,7 @@ def main() -> None:
         print(json.dumps(ms))
         return
     if args.recipe:
-        kept = not (args.malloc_default or backend.malloc_left_alone(os.environ))
-        print(json.dumps({**machine(), "jax_keep_freed_memory": kept}))
+        print(json.dumps({**machine(), "jax_keep_freed_memory": _keeps_freed_memory(args)}))
         bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
                      args.malloc_default)  # fmt: skip
         return
@@ -344,8 +349,8 @@ def main() -> None:
     result = {"machine": machine(), "train": [], "inference": []}
     # Calls of up to 50 steps that divide the round: a call past its end computes steps that
     # are not timed.
-    per_call = max(d for d in range(1, 51) if args.steps % d == 0)
-    variants = [("float32", 1), ("float32", per_call), ("bfloat16", 1)]
+    many = max(d for d in range(1, 51) if args.steps % d == 0)
+    variants = [("float32", 1), *([("float32", many)] if many > 1 else []), ("bfloat16", 1)]
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:
             jax_ms, keras_ms, trainer, state, net = bench_training(

@@ -133,6 +133,14 @@ def test_malloc_is_left_as_the_environment_says(environ, alone):
         assert backend.keep_freed_memory(environ) is False
 
 
+def test_a_malloc_switch_neither_on_nor_off_is_one_line_and_exit_2():
+    env = {**os.environ, "CNN_JAX_KEEP_FREED_MEMORY": "disable"}
+    done = subprocess.run([sys.executable, "-m", "cnn_jax", "info", "nowhere"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "CNN_JAX_KEEP_FREED_MEMORY='disable': set it to 0 (off) or 1 (on)" in done.stderr
+
+
 _OTHER_MALLOC = "LD_PRELOAD" in os.environ or backend.malloc_left_alone(os.environ)
 
 

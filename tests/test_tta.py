@@ -110,6 +110,10 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
     alone = [_evaluated(capsys, runs[r], "--cache-dir", cache)["accuracy"] for r in "ab"]
     assert result["committee_accuracy"] == pytest.approx(alone, abs=1e-6)
     assert result["checkpoint"] == result["committee"][0] and len(result["committee"]) == 2
+    assert main(["evaluate", runs["a"], "--average-with", runs["b"], "--cache-dir", cache]) == 0
+    text = capsys.readouterr().out
+    assert f"averaged with: {result['committee'][1]}" in text
+    assert f"alone, {result['committee'][1]}: accuracy {alone[1]:.4f}" in text
     # Seed 1 splits the signs apart: its training images would be in seed 0's test split.
     args = ["evaluate", runs["a"], "--average-with", runs["c"], "--cache-dir", cache]
     assert main(args) == 2
@@ -121,27 +125,37 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
     assert on_folder["n"] == 43 * 6
 
 
+def _stub_run(name, classes=43, size=16, data="d", config_classes=None):
+    """What the committee's checks read of a restored run."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        directory=Path(name),
+        meta=SimpleNamespace(num_classes=classes, imported_from=None),
+        config=Config(image_size=size, data=data, num_classes=config_classes),
+    )
+
+
 @pytest.mark.parametrize(
     "runs, message",
     [
-        ([("r", 43, 16, "d"), ("r", 43, 16, "d")], "r is in the committee twice"),
-        ([("r", 43, 16, "d"), ("s", 50, 16, "d")], "s knows 50 classes and r 43"),
+        ([("r",), ("r",)], "a run is in the committee twice"),
+        ([("r",), ("s",), ("s",)], "a run is in the committee twice"),
+        ([("r", 43), ("s", 50)], "s knows 50 classes and r 43"),
         ([("r", 43, 16, None), ("s", 43, 20, None)], "synthetic signs are drawn anew"),
     ],
 )
 def test_a_committee_that_would_mean_nothing_is_refused_before_it_runs(runs, message):
-    from pathlib import Path
-    from types import SimpleNamespace
-
     from cnn_jax import inference
 
-    restored = [
-        SimpleNamespace(
-            directory=Path(name),
-            meta=SimpleNamespace(num_classes=classes),
-            config=Config(image_size=size, data=data),
-        )
-        for name, classes, size, data in runs
-    ]
     with pytest.raises(UserError, match=message):
-        inference.evaluate_committee(restored)
+        inference.evaluate_committee([_stub_run(*run) for run in runs])
+
+
+def test_a_committee_of_synthetic_runs_of_one_size_passes_its_checks():
+    from cnn_jax import inference
+
+    # A run's num_classes None is the synthetic set's 43.
+    runs = [_stub_run("r", data=None), _stub_run("s", data=None, config_classes=43)]
+    inference._check_committee(runs, None)

@@ -181,7 +181,8 @@ def _checkpoint_commands(command) -> None:
     e.add_argument("--average-with", action="append", default=[], metavar="RUN",
                    help="another run (any image size and pixel scaling) whose probabilities "
                    "are averaged with the checkpoint's, a committee; repeat it for more. "
-                   "Without DATA, the runs must share one test split")  # fmt: skip
+                   "Without DATA, the runs must share one test split; for runs at other "
+                   "image sizes, DATA must be a folder, not a pack")  # fmt: skip
     pr = reads_checkpoint("predict", "classify image files with a checkpoint")
     pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
     pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
