@@ -60,11 +60,11 @@ def malloc_left_alone(environ) -> bool:
     it tunes glibc's malloc itself (MALLOC_* variables, glibc.malloc.* in GLIBC_TUNABLES), and a
     user's own settings win. A switch that is neither on nor off is a UserError."""
     value = environ.get(KEEP_FREED_MEMORY_VARIABLE, "")
-    if value.strip().lower() not in _SWITCH:
+    switch = _SWITCH.get(value.strip().lower())
+    if switch is None:
         raise UserError(f"{KEEP_FREED_MEMORY_VARIABLE}={value!r}: set it to 0 (off) or 1 (on)")
     tuned = any(key.startswith("MALLOC_") for key in environ)
-    off = not _SWITCH[value.strip().lower()]
-    return off or tuned or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+    return not switch or tuned or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
 def compiler_options(platform: str, deterministic: bool) -> dict:

@@ -13,7 +13,7 @@ from cnn_jax.data import load_configured, split_run
 from cnn_jax.data.signs import sign_name
 from cnn_jax.errors import UserError
 from cnn_jax.models import count_params
-from cnn_jax.predictor import EVAL_BATCH, Predictor, evaluate
+from cnn_jax.predictor import EVAL_BATCH, Predictor, evaluate, probability_losses
 from cnn_jax.run_meta import RunMeta
 from cnn_jax.run_store import data_fingerprint
 from cnn_jax.steps import abstract_state
@@ -188,8 +188,7 @@ def evaluate_committee(
     return {
         **_header(restored[0], ds, source),
         "committee": [str(r.directory) for r in restored],
-        # as the predictor's loss for an ensemble's mean probabilities
-        "loss": float(np.mean(-np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
+        "loss": float(np.mean(probability_losses(probs, labels))),
         "accuracy": float(np.mean(predictions == labels)),
         "n": len(labels),
         "committee_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in each],

@@ -170,7 +170,7 @@ class Predictor:
         if self.members or self.tta > 1:
             probs, each = self._probabilities(params, x)
             predictions = jnp.argmax(probs, -1)
-            losses = -jnp.log(jnp.take_along_axis(probs, y[:, None], -1)[:, 0] + 1e-12)
+            losses = probability_losses(probs, y)
             member_correct = (
                 jnp.sum((jnp.argmax(each, -1) == y) * weights, axis=-1)
                 if self.members
@@ -220,6 +220,12 @@ class Predictor:
 
         run.lower = compiled.lower
         return run
+
+
+def probability_losses(probs, labels) -> jax.Array:
+    """Each row's cross-entropy against averaged probabilities (an ensemble's, test-time views',
+    a committee's), which have no logits to take it from; floored away from log(0)."""
+    return -jnp.log(jnp.take_along_axis(probs, labels[:, None], -1)[:, 0] + 1e-12)
 
 
 def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
