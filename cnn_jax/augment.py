@@ -1,8 +1,9 @@
 """Random geometric and photometric changes of training images, on the device inside the step.
 
 Each image gets its own small random affine map (rotation, scaling, shear, translation),
-brightness and contrast change and, when asked for, blur and pixel noise, drawn from a key the
-step derives from the run's seed and the global step, so a resumed run draws the same changes.
+brightness and contrast change and, when asked for, a gamma change, blur, pixel noise and an
+erased rectangle, drawn from a key the step derives from the run's seed and the global step, so a
+resumed run draws the same changes.
 No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
@@ -60,6 +61,8 @@ def warp(image: jax.Array, pull: jax.Array) -> jax.Array:
 def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     k_geom, k_bright, k_contrast = jax.random.split(key, 3)
     image = warp(image, _pull_matrix(k_geom, image.shape[0], s))
+    if s.gamma:
+        image = _gamma(jax.random.fold_in(key, GAMMA_TAG), image, s.gamma)
     # Blur and noise draw from keys of their own, so that the changes above stay as they were
     # for runs saved before these two existed; at strength 0 they are left out of the program.
     # The tag is far from 0..2: fold_in(key, i) can equal split(key, 3)[i].
@@ -73,10 +76,27 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     if s.noise:
         spread = jax.random.uniform(k_spread, (), maxval=s.noise) * 255.0
         image = image + spread * jax.random.normal(k_pixels, image.shape)
-    return jnp.clip(image, 0.0, 255.0)
+    image = jnp.clip(image, 0.0, 255.0)
+    if s.erase:
+        image = _erase(jax.random.fold_in(key, ERASE_TAG), image, s.erase)
+    return image
 
 
 EXTRA_DRAWS_TAG = 0x626C7572  # "blur"
+ERASE_TAG = 0x65726173  # "eras"
+GAMMA_TAG = 0x67616D6D  # "gamm"
+
+
+def _gamma(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
+    """Pixels (as 0..1) raised to a power drawn log-uniformly from 1/(1 + largest) to
+    1 + largest. Brightness and contrast changes are undone by the per-image standardisation
+    (`--pixels standard`); a gamma change is not: it darkens or lifts the shadows against the
+    highlights, as a dusk photo or another camera does."""
+    reach = math.log1p(largest)
+    power = jnp.exp(jax.random.uniform(key, (), minval=-reach, maxval=reach))
+    return 255.0 * (jnp.clip(image, 0.0, 255.0) / 255.0) ** power
+
+
 BLUR_RADIUS = 6  # taps each side: 3 sigma at the largest blur, 2
 
 
@@ -91,6 +111,22 @@ def _blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     h, w = image.shape[:2]
     rows = sum(weights[i] * padded[i : i + h] for i in range(2 * r + 1))
     return sum(weights[i] * rows[:, i : i + w] for i in range(2 * r + 1))
+
+
+def _erase(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
+    """One rectangle of the image painted over in its mean colour (DeVries and Taylor 2017,
+    "Cutout"; Zhong et al. 2020): its height and width each uniform up to `largest` times the
+    side, its centre anywhere in the image (so an edge may cut it). A sign partly hidden or
+    dirty still has to be read. Not random pixels, as Zhong et al. fill it: each image is
+    standardised after augmentation, and noise would swell its spread and dim the sign."""
+    h, w = image.shape[:2]
+    k_size, k_centre = jax.random.split(key)
+    half = jax.random.uniform(k_size, (2,), maxval=largest / 2) * jnp.array([h, w])
+    centre = jax.random.uniform(k_centre, (2,)) * jnp.array([h, w])
+    rows = jnp.abs(jnp.arange(h) + 0.5 - centre[0]) < half[0]
+    cols = jnp.abs(jnp.arange(w) + 0.5 - centre[1]) < half[1]
+    inside = (rows[:, None] & cols[None, :])[..., None]
+    return jnp.where(inside, jnp.mean(image, axis=(0, 1)), image)
 
 
 def augment(key: jax.Array, images: jax.Array, strengths: Strengths) -> jax.Array:

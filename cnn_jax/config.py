@@ -113,6 +113,20 @@ class Strengths:
         low=0,
         high=0.5,
     )
+    gamma: float = setting(
+        0.0,
+        "largest gamma change: pixels (as 0..1) raised to a power from 1/(1 + it) to 1 + it "
+        "(0: none)",
+        low=0,
+        high=3,
+    )
+    erase: float = setting(
+        0.0,
+        "largest erased rectangle (cutout): its height and width each up to this fraction "
+        "of the side, painted in the image's mean colour (0: none)",
+        low=0,
+        high=1,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -26,6 +26,8 @@ from cnn_jax.config import Config
         (["--aug-rotate", "-5"], "--aug-rotate must be at least 0"),
         (["--stn"], "--stn is for --model 3 only, not --model 2"),
         (["--augment", "--aug-blur", "2.5"], "--aug-blur must be at most 2, not 2.5"),
+        (["--augment", "--aug-erase", "1.5"], "--aug-erase must be at most 1, not 1.5"),
+        (["--augment", "--aug-gamma", "-1"], "--aug-gamma must be at least 0, not -1"),
     ],
 )
 def test_bad_options_are_refused_before_anything_loads(tmp_path, capsys, args, message):

@@ -92,6 +92,39 @@ def test_blur_and_noise_change_images_and_leave_the_other_draws_as_they_were():
         np.testing.assert_allclose(got, np.asarray(augment._blur(one, sigma)), atol=1e-3)
 
 
+def test_erasing_replaces_one_rectangle_per_image_and_leaves_the_rest_as_drawn_without_it():
+    images = np.random.default_rng(3).integers(0, 256, (16, 40, 40, 3), dtype=np.uint8)
+    key = jax.random.key(11)
+    plain = np.asarray(augment.augment(key, images, augment.Strengths()))
+    erased = np.asarray(augment.augment(key, images, augment.Strengths(erase=0.5)))
+    changed = np.any(erased != plain, axis=-1)
+    for i, one in enumerate(changed):
+        rows, cols = np.nonzero(one.any(axis=1))[0], np.nonzero(one.any(axis=0))[0]
+        if rows.size:  # a rectangle: every pixel between its first and last row and column
+            box = one[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+            assert box.all()
+            painted = erased[i, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+            np.testing.assert_allclose(
+                painted, np.broadcast_to(plain[i].mean((0, 1)), painted.shape), rtol=1e-5
+            )
+            assert rows.size <= 20 and cols.size <= 20  # at most half the side
+    assert 0.01 < changed.mean() < 0.2
+    assert sum(c.any() for c in changed) >= 12
+
+
+def test_a_gamma_change_raises_each_image_to_one_power_within_its_reach():
+    images = np.random.default_rng(4).integers(20, 236, (32, 12, 12, 3), dtype=np.uint8)
+    only = augment.Strengths(0, 0, 0, 0, 0, 0, gamma=1.0)
+    out = np.asarray(augment.augment(jax.random.key(2), images, only), np.float64)
+    powers = np.log(out / 255) / np.log(images / 255.0)
+    per_image = powers.reshape(32, -1)
+    np.testing.assert_allclose(
+        per_image, np.broadcast_to(per_image[:, :1], per_image.shape), rtol=2e-3
+    )
+    assert np.all((per_image > 0.5 - 1e-3) & (per_image < 2 + 1e-3))
+    assert per_image[:, 0].min() < 0.8 and per_image[:, 0].max() > 1.25  # both ways
+
+
 def test_the_default_augmentation_draws_what_it_drew_before_blur_and_noise_existed():
     # Printed by cnn_jax/augment.py of af7579d for these images and key: a run saved then
     # resumes with the same changes.
