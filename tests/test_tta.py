@@ -109,11 +109,15 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
     )
     alone = [_evaluated(capsys, runs[r], "--cache-dir", cache)["accuracy"] for r in "ab"]
     assert result["committee_accuracy"] == pytest.approx(alone, abs=1e-6)
+    wrong = [t.probabilities.argmax(-1) != labels for t in tested]
+    assert result["wrong_in_every_run"] == np.sum(wrong[0] & wrong[1])
+    assert result["wrong_in_every_run"] > 0
     assert result["checkpoint"] == result["committee"][0] and len(result["committee"]) == 2
     assert main(["evaluate", runs["a"], "--average-with", runs["b"], "--cache-dir", cache]) == 0
     text = capsys.readouterr().out
     assert f"averaged with: {result['committee'][1]}" in text
     assert f"alone, {result['committee'][1]}: accuracy {alone[1]:.4f}" in text
+    assert f"wrong in every run: {result['wrong_in_every_run']:,} images" in text
     # Seed 1 splits the signs apart: its training images would be in seed 0's test split.
     args = ["evaluate", runs["a"], "--average-with", runs["c"], "--cache-dir", cache]
     assert main(args) == 2

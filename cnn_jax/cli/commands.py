@@ -45,6 +45,8 @@ def evaluate(args) -> int:
         print(f"ensemble member {m}: accuracy {acc:.4f}")
     for run, acc in zip(result.get("committee", []), result.get("committee_accuracy", [])):
         print(f"alone, {run}: accuracy {acc:.4f}")
+    if "wrong_in_every_run" in result:
+        print(f"wrong in every run: {result['wrong_in_every_run']:,} images")
     print(test_line(result["loss"], result["accuracy"]))
     return 0
 
