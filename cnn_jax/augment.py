@@ -61,11 +61,12 @@ def warp(image: jax.Array, pull: jax.Array) -> jax.Array:
 def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     k_geom, k_bright, k_contrast = jax.random.split(key, 3)
     image = warp(image, _pull_matrix(k_geom, image.shape[0], s))
+    # Gamma, blur, noise and erasing draw from keys of their own (fold_in with a tag), so that
+    # the split(key, 3) draws stay as they were for runs saved before them; at strength 0 they
+    # are left out of the program. The tags are far from 0..2: fold_in(key, i) can equal
+    # split(key, 3)[i].
     if s.gamma:
         image = _gamma(jax.random.fold_in(key, GAMMA_TAG), image, s.gamma)
-    # Blur and noise draw from keys of their own, so that the changes above stay as they were
-    # for runs saved before these two existed; at strength 0 they are left out of the program.
-    # The tag is far from 0..2: fold_in(key, i) can equal split(key, 3)[i].
     k_blur, k_spread, k_pixels = jax.random.split(jax.random.fold_in(key, EXTRA_DRAWS_TAG), 3)
     if s.blur:
         image = _blur(image, jax.random.uniform(k_blur, (), maxval=s.blur))
@@ -117,8 +118,9 @@ def _erase(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
     """One rectangle of the image painted over in its mean colour (DeVries and Taylor 2017,
     "Cutout"; Zhong et al. 2020): its height and width each uniform up to `largest` times the
     side, its centre anywhere in the image (so an edge may cut it). A sign partly hidden or
-    dirty still has to be read. Not random pixels, as Zhong et al. fill it: each image is
-    standardised after augmentation, and noise would swell its spread and dim the sign."""
+    dirty still has to be read. Not random pixels, as Zhong et al. fill it: with standardised
+    pixels (the recipe's) each image is scaled by its spread after augmentation, and noise
+    would swell the spread and dim the sign."""
     h, w = image.shape[:2]
     k_size, k_centre = jax.random.split(key)
     half = jax.random.uniform(k_size, (2,), maxval=largest / 2) * jnp.array([h, w])

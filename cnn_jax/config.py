@@ -91,8 +91,8 @@ def _check(field: dataclasses.Field, value, name: str | None = None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Strengths:
-    """How far --augment goes: the largest change of each kind, each image drawing uniformly
-    within ±strength. One value in Config; `--aug-<name>` on the command line."""
+    """How far --augment goes: the largest change of each kind (each field's help says how an
+    image draws it). One value in Config; `--aug-<name>` on the command line."""
 
     rotate: float = setting(15.0, "largest rotation, degrees", low=0, high=180)
     scale: float = setting(0.1, "largest scaling, fraction of the size", low=0, below=1)

@@ -192,7 +192,8 @@ def evaluate_committee(
         "accuracy": float(np.mean(predictions == labels)),
         "n": len(labels),
         "committee_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in each],
-        # Images no run reads: where a committee of these runs can gain least (BENCHMARKS.md).
+        # Images no run reads: averaging rarely rescues them, so their count caps what the
+        # committee can reach (BENCHMARKS.md).
         "wrong_in_every_run": int(np.all([p.argmax(-1) != labels for p in each], axis=0).sum()),
         "per_class": _per_class(labels, predictions),
     }
