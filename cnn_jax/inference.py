@@ -142,7 +142,6 @@ def evaluate_checkpoint(
     ds, idx, source = evaluation_data(restored, data_dir, layout, cache_dir)
     ev = evaluate(restored.predictor, restored.params, ds.images[idx], ds.labels[idx])
     predictions = ev.pop("predictions")
-    ev.pop("per_class_accuracy")
     return {
         **_header(restored, ds, source),
         **ev,
@@ -185,16 +184,17 @@ def evaluate_committee(
     each = [probabilities(r, d.images[i]) for r, (d, i, _) in zip(restored, loaded)]
     probs, labels = np.mean(each, axis=0), ds.labels[idx]
     predictions = np.argmax(probs, axis=-1)
+    right = [p.argmax(-1) == labels for p in each]  # each run alone
     return {
         **_header(restored[0], ds, source),
         "committee": [str(r.directory) for r in restored],
         "loss": float(np.mean(probability_losses(probs, labels))),
         "accuracy": float(np.mean(predictions == labels)),
         "n": len(labels),
-        "committee_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in each],
+        "committee_accuracy": [float(np.mean(r)) for r in right],
         # Images no run reads: averaging rarely rescues them, so their count caps what the
         # committee can reach (BENCHMARKS.md).
-        "wrong_in_every_run": int(np.all([p.argmax(-1) != labels for p in each], axis=0).sum()),
+        "wrong_in_every_run": int(np.sum(~np.any(right, axis=0))),
         "per_class": _per_class(labels, predictions),
     }
 

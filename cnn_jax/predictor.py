@@ -229,8 +229,8 @@ def probability_losses(probs, labels) -> jax.Array:
 
 
 def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and predictions over a whole set, in padded batches;
-    for an ensemble, each member's accuracy too."""
+    """Loss, accuracy and predictions over a whole set, in padded batches; for an ensemble,
+    each member's accuracy too."""
     n = len(labels)
     order, images, labels_dev = predictor.place(
         (padded_order(np.arange(n), predictor.eval_batch), images, labels)
@@ -241,13 +241,10 @@ def evaluate(predictor: Predictor, params, images, labels) -> dict[str, Any]:
     ]
     loss, correct, count = np.sum([np.asarray(sums) for sums, _, _ in outputs], axis=0)
     predictions = np.concatenate([np.asarray(p) for _, p, _ in outputs])[:n]
-    labels = np.asarray(labels)
-    per_class = {int(c): float(np.mean(predictions[labels == c] == c)) for c in np.unique(labels)}
     result = {
         "loss": float(loss / count),
         "accuracy": float(correct / count),
         "n": int(count),
-        "per_class_accuracy": per_class,
         "predictions": predictions,
     }
     if predictor.members:
