@@ -58,6 +58,10 @@ def kind(field: dataclasses.Field) -> type:
 
 def _check(field: dataclasses.Field, value, name: str | None = None) -> None:
     meta, name, want = field.metadata, name or flag(field.name), kind(field)
+    if isinstance(field.default, tuple):  # an option given once or more: each a text
+        if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"each {name} must be a non-empty text, not {value!r}")
+        return
     if want is Strengths:  # checked by its own __post_init__
         if not isinstance(value, Strengths):
             raise UserError(f"the augmentation strengths must be a dict, not {value!r}")
@@ -241,11 +245,12 @@ class Config:
         high=64,
         resume=True,
     )
-    distill_from: str | None = setting(
-        None,
+    distill_from: tuple[str, ...] = setting(
+        (),
         "a trained run (an ensemble, say) whose probabilities for each training image are the "
         "targets instead of the labels (label smoothing then does not apply); it must have "
-        "trained on no image of this run's test or validation split",
+        "trained on no image of this run's test or validation split; repeat it for a committee "
+        "of runs, whose probabilities are averaged",
         resume=True,
     )
     distill_views: bool = setting(
@@ -315,6 +320,12 @@ class Config:
     def __post_init__(self):
         if isinstance(self.strengths, dict):  # as JSON or a Python caller gives it
             object.__setattr__(self, "strengths", strengths_from(self.strengths))
+        # One run as a text (a Python caller, a run saved before committees), a list as JSON
+        # gives it: the tuple that compares equal on resume.
+        teachers = self.distill_from
+        if teachers is None or isinstance(teachers, str | list):
+            teachers = (teachers,) if isinstance(teachers, str) else tuple(teachers or ())
+            object.__setattr__(self, "distill_from", teachers)
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         if self.image_size < MIN_IMAGE_SIZE[self.model]:
@@ -324,6 +335,11 @@ class Config:
             )
         if self.stn and self.model != 3:
             raise UserError(f"--stn is for --model 3 only, not --model {self.model}")
+        if self.distill_views and len(self.distill_from) > 1:
+            raise UserError(
+                f"--distill-views takes one --distill-from run (the teacher in the step), not "
+                f"{len(self.distill_from)}: drop --distill-views to distill a committee"
+            )
         if self.seed + self.ensemble - 1 > MAX_SEED:
             raise UserError(
                 f"--seed {self.seed} with --ensemble {self.ensemble} needs seeds up to "

@@ -7,7 +7,9 @@ image as it is, computed once; augmentation then changes what the student sees, 
 aims for. With --distill-views the teacher classifies each augmented image in the training step
 instead (Trainer.teacher), so that student and teacher see the same view: Beyer et al., "Knowledge
 distillation: A good teacher is patient and consistent" (CVPR 2022), found fixed targets on
-unaugmented images the weaker of the two.
+unaugmented images the weaker of the two. Several --distill-from runs are a committee (runs
+trained apart, with other pixels or options, as `evaluate --average-with` judges them): the
+targets are their probabilities averaged, each run classifying the images its own way.
 """
 
 import numpy as np
@@ -18,15 +20,22 @@ from cnn_jax.errors import UserError
 
 
 def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int) -> np.ndarray:
-    """The teacher run's float32 probabilities for the training images, (n_train, classes)."""
+    """The teacher runs' float32 probabilities for the training images, averaged over the
+    runs, (n_train, classes)."""
     from cnn_jax import inference
 
-    teacher = load_teacher(config, dataset, indices, num_classes)
-    return inference.probabilities(teacher, dataset.images[indices[0]]).astype(np.float32)
+    images = dataset.images[indices[0]]
+    total = None
+    for path in config.distill_from:  # one at a time: a committee's runs need not fit together
+        teacher = load_teacher(config, dataset, indices, num_classes, path)
+        p = inference.probabilities(teacher, images).astype(np.float64)
+        total = p if total is None else total + p
+    return (total / len(config.distill_from)).astype(np.float32)
 
 
-def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int):
-    """The teacher run restored for inference (inference.Restored).
+def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int, path=None):
+    """A teacher run (`path`, or the one --distill-from run) restored for inference
+    (inference.Restored).
 
     Refused unless the teacher saw the same images at the same size and left every image of
     this run's validation and test splits out of its own training: a teacher that learnt the
@@ -35,36 +44,33 @@ def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int):
     from cnn_jax import inference  # JAX and the checkpoint library: only when distilling
     from cnn_jax.run_store import data_fingerprint
 
-    teacher = inference.load_checkpoint(config.distill_from, config.platform)
-    _check_same_inputs(config, teacher, num_classes)
+    path = path or config.distill_from[0]
+    teacher = inference.load_checkpoint(path, config.platform)
+    _check_same_inputs(config, teacher, num_classes, path)
     fingerprint = teacher.meta.data_fingerprint
     if fingerprint is not None and fingerprint != data_fingerprint(dataset):
         raise UserError(
-            f"{config.distill_from} was trained on other images (its data's fingerprint "
-            "differs): a teacher must have seen this run's data"
+            f"{path} was trained on other images (its data's fingerprint differs): a teacher "
+            "must have seen this run's data"
         )
     teacher_train, _, _ = split_run(teacher.config, dataset)
     train, val, test = indices
     seen = np.isin(np.concatenate([val, test]), teacher_train)
     if seen.any():
         raise UserError(
-            f"{config.distill_from} trained on {int(seen.sum())} images of this run's "
-            "validation and test splits: give this run the teacher's --split, --test-size, "
-            "--val-size and --seed"
+            f"{path} trained on {int(seen.sum())} images of this run's validation and test "
+            "splits: give this run the teacher's --split, --test-size, --val-size and --seed"
         )
     return teacher
 
 
-def _check_same_inputs(config: Config, teacher, num_classes: int) -> None:
+def _check_same_inputs(config: Config, teacher, num_classes: int, path) -> None:
     t = teacher.config
     for name in ("image_size", "decoder"):
         if getattr(t, name) != getattr(config, name):
             raise UserError(
-                f"{config.distill_from} was trained with {name} {getattr(t, name)}, this run "
-                f"has {getattr(config, name)}: a teacher must see the images as the student does"
+                f"{path} was trained with {name} {getattr(t, name)}, this run has "
+                f"{getattr(config, name)}: a teacher must see the images as the student does"
             )
     if teacher.meta.num_classes != num_classes:
-        raise UserError(
-            f"{config.distill_from} knows {teacher.meta.num_classes} classes, this run "
-            f"{num_classes}"
-        )
+        raise UserError(f"{path} knows {teacher.meta.num_classes} classes, this run {num_classes}")

@@ -1,6 +1,7 @@
 """`--distill-from RUN`: training on a teacher's probabilities instead of the labels."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -120,3 +121,39 @@ def test_distill_views_trains_and_needs_a_teacher(teacher, capsys):
                     distill_views=True, platform="cpu")  # fmt: skip
     _, metrics = fit(config, data_lib.load_configured(config), verbose=False)
     assert np.isfinite(metrics["epochs"][0]["train_loss"]) and metrics["test_accuracy"] >= 0
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A second run on the same split, trained apart with other pixels: a committee's member."""
+    workdir = tmp_path_factory.mktemp("other") / "run"
+    assert main(["train", "--epochs", "1", "--pixels", "standard", "--workdir", str(workdir),
+                 *_SMALL]) == 0  # fmt: skip
+    return workdir
+
+
+def test_a_committee_teaches_its_runs_mean_probabilities(teacher, other_teacher, tmp_path):
+    config = Config(synthetic_per_class=6, distill_from=(str(teacher), str(other_teacher)),
+                    platform="cpu")  # fmt: skip
+    dataset = data_lib.load_configured(config)
+    indices = data_lib.split_run(config, dataset)
+    each = [probabilities(load_checkpoint(run, "cpu"), dataset.images[indices[0]])
+            for run in (teacher, other_teacher)]  # fmt: skip
+    assert relative(each[0], each[1]) > 0.1  # two teachers that disagree: the mean is neither
+    np.testing.assert_allclose(teacher_targets(config, dataset, indices, 43),
+                               (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-7)  # fmt: skip
+    # On the command line: the option repeated, both runs kept in the run's config.
+    workdir = tmp_path / "student"
+    args = ["train", "--epochs", "1", "--workdir", str(workdir), *_SMALL]
+    assert main([*args, "--distill-from", str(teacher), "--distill-from", str(other_teacher)]) == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["distill_from"] == [str(teacher), str(other_teacher)]
+
+
+def test_one_teacher_as_runs_saved_it_and_distill_views_with_a_committee(teacher, capsys):
+    assert Config(distill_from="runs/e2").distill_from == ("runs/e2",)  # saved before committees
+    assert Config(distill_from=None).distill_from == ()
+    two = ["--distill-from", str(teacher), "--distill-from", str(teacher)]
+    assert main(["train", "--epochs", "1", "--augment", "--distill-views", *two, *_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--distill-views takes one --distill-from run" in err

@@ -40,10 +40,16 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, prefi
         return
     name = config_lib.strength_flag(field.name) if prefix else config_lib.flag(field.name)
     help = (
-        meta["help"] if default in (None, False, True) else f"{meta['help']} (default: {default})"
+        meta["help"]
+        if default in (None, False, True, ())
+        else f"{meta['help']} (default: {default})"
     )
     dest = prefix + field.name
-    if default is True:
+    if default == ():  # given once or more, each a text
+        metavar = name.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(name, dest=dest, action="append", default=unset, metavar=metavar,
+                            help=help)  # fmt: skip
+    elif default is True:
         action = argparse.BooleanOptionalAction
         parser.add_argument(name, dest=dest, action=action, default=unset, help=help)
     elif default is False:
