@@ -335,6 +335,12 @@ class Config:
             )
         if self.stn and self.model != 3:
             raise UserError(f"--stn is for --model 3 only, not --model {self.model}")
+        if len(set(self.distill_from)) < len(self.distill_from):
+            raise UserError("--distill-from names a run twice: give each teacher once")
+        if self.distill_views and not self.distill_from:
+            raise UserError(
+                "--distill-views has no effect without --distill-from: add a teacher, or drop it"
+            )
         if self.distill_views and len(self.distill_from) > 1:
             raise UserError(
                 f"--distill-views takes one --distill-from run (the teacher in the step), not "

@@ -30,6 +30,7 @@ def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int)
         teacher = load_teacher(config, dataset, indices, num_classes, path)
         p = inference.probabilities(teacher, images).astype(np.float64)
         total = p if total is None else total + p
+        del teacher  # before the next run loads
     return (total / len(config.distill_from)).astype(np.float32)
 
 

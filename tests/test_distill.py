@@ -73,6 +73,17 @@ def test_a_teacher_that_saw_the_test_images_or_other_inputs_is_refused(teacher, 
     assert err.count("\n") == 1 and message in err
 
 
+def test_every_teacher_of_a_committee_is_checked(teacher, tmp_path, capsys):
+    other = tmp_path / "seed1"
+    assert main(["train", "--epochs", "1", "--seed", "1", "--workdir", str(other), *_SMALL]) == 0
+    two = ["--distill-from", str(teacher), "--distill-from", str(other)]
+    assert main(["train", "--epochs", "1", *two, *_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{other} trained on" in err
+    assert main(["train", "--epochs", "1", *two[:2], *two[:2], *_SMALL]) == 2
+    assert "names a run twice" in capsys.readouterr().err
+
+
 def _gradient(trainer, images, labels, targets):
     """Minus the gradient of one step (SGD, learning rate 1) from the initial weights."""
     trainer, state = trainer
@@ -150,10 +161,11 @@ def test_a_committee_teaches_its_runs_mean_probabilities(teacher, other_teacher,
     assert saved["distill_from"] == [str(teacher), str(other_teacher)]
 
 
-def test_one_teacher_as_runs_saved_it_and_distill_views_with_a_committee(teacher, capsys):
+def test_one_teacher_as_runs_saved_it_and_distill_views_with_a_committee(teacher, other_teacher,
+                                                                         capsys):  # fmt: skip
     assert Config(distill_from="runs/e2").distill_from == ("runs/e2",)  # saved before committees
     assert Config(distill_from=None).distill_from == ()
-    two = ["--distill-from", str(teacher), "--distill-from", str(teacher)]
+    two = ["--distill-from", str(teacher), "--distill-from", str(other_teacher)]
     assert main(["train", "--epochs", "1", "--augment", "--distill-views", *two, *_SMALL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--distill-views takes one --distill-from run" in err

@@ -153,8 +153,6 @@ def _refuse_no_effect(given: dict, cfg: Config) -> None:
          "rate would never decay from its peak; give fewer warmup epochs"),
         ("synthetic_per_class" in given and cfg.data,
          "--synthetic-per-class has no effect with a data argument: drop one of them"),
-        (cfg.distill_views and not cfg.distill_from,
-         "--distill-views has no effect without --distill-from: add a teacher, or drop it"),
         (cfg.distill_views and not cfg.augment,
          "--distill-views has no effect without --augment (the views are the images): add "
          "--augment, or drop it"),
