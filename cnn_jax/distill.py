@@ -25,18 +25,15 @@ def teacher_targets(config: Config, dataset: Dataset, indices, num_classes: int)
     from cnn_jax import inference
 
     images = dataset.images[indices[0]]
-    total = None
-    for path in config.distill_from:  # one at a time: a committee's runs need not fit together
-        teacher = load_teacher(config, dataset, indices, num_classes, path)
-        p = inference.probabilities(teacher, images).astype(np.float64)
-        total = p if total is None else total + p
-        del teacher  # before the next run loads
-    return (total / len(config.distill_from)).astype(np.float32)
+    # One run at a time (each freed before the next loads): a committee's runs need not fit
+    # in memory together, their probabilities do.
+    each = [inference.probabilities(load_teacher(config, dataset, indices, num_classes, path),
+                                    images) for path in config.distill_from]  # fmt: skip
+    return np.mean(each, axis=0, dtype=np.float64).astype(np.float32)
 
 
-def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int, path=None):
-    """A teacher run (`path`, or the one --distill-from run) restored for inference
-    (inference.Restored).
+def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int, path):
+    """The teacher run at `path` restored for inference (inference.Restored).
 
     Refused unless the teacher saw the same images at the same size and left every image of
     this run's validation and test splits out of its own training: a teacher that learnt the
@@ -45,7 +42,6 @@ def load_teacher(config: Config, dataset: Dataset, indices, num_classes: int, pa
     from cnn_jax import inference  # JAX and the checkpoint library: only when distilling
     from cnn_jax.run_store import data_fingerprint
 
-    path = path or config.distill_from[0]
     teacher = inference.load_checkpoint(path, config.platform)
     _check_same_inputs(config, teacher, num_classes, path)
     fingerprint = teacher.meta.data_fingerprint

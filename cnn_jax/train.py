@@ -120,7 +120,7 @@ def _prepare(config: Config, dataset: data_lib.Dataset) -> _Run:
     placed = trainer.place(tuple((dataset.images[i], dataset.labels[i]) for i in indices))
     train, val, test = (Split(*p) for p in placed)
     if config.distill_views:
-        teacher = load_teacher(config, dataset, indices, num_classes)
+        teacher = load_teacher(config, dataset, indices, num_classes, config.distill_from[0])
         trainer = dataclasses.replace(trainer, teacher=teacher.predictor)
         train = Split(train.images, (train.labels, trainer.place(teacher.params)))
     elif config.distill_from:

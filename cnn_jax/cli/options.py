@@ -44,9 +44,8 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, prefi
         if default in (None, False, True, ())
         else f"{meta['help']} (default: {default})"
     )
-    dest = prefix + field.name
+    dest, metavar = prefix + field.name, name.lstrip("-").replace("-", "_").upper()
     if default == ():  # given once or more, each a text
-        metavar = name.lstrip("-").replace("-", "_").upper()
         parser.add_argument(name, dest=dest, action="append", default=unset, metavar=metavar,
                             help=help)  # fmt: skip
     elif default is True:
@@ -62,7 +61,7 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, prefi
             type=kind,
             choices=meta["choices"],
             default=unset,
-            metavar=None if meta["choices"] else name.lstrip("-").replace("-", "_").upper(),
+            metavar=None if meta["choices"] else metavar,
             help=help,
         )
 
