@@ -150,7 +150,7 @@ class Config:
     recipe: str | None = setting(
         None,
         "a preset of the options below; given options still win. strong: image size 32, "
-        "standard pixels, augmentation, 20 epochs of batch 64, lr 2e-3 with 1 warmup epoch and "
+        "standard pixels, augmentation, 20 epochs of batch 16, lr 2e-3 with 1 warmup epoch and "
         "cosine decay, weight decay 5e-4, label smoothing 0.1",
         choices=RECIPES,
     )
@@ -418,7 +418,7 @@ RECIPE_SETTINGS = {
         pixels="standard",
         augment=True,
         epochs=20,
-        batch_size=64,
+        batch_size=16,
         learning_rate=2e-3,
         schedule="cosine",
         warmup_epochs=1.0,

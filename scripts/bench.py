@@ -15,11 +15,11 @@ Loading: cnn_jax's loader without cache (cold, alternating with the tutorial's s
 cv2.imread + cv2.resize loop, best of 3 each) and from its cache (warm). The operating
 system's file cache is warm for all three: nothing here can drop it.
 
---recipe: ms per training step of Model 3 under `--recipe strong` (32x32, batch 64) with
-augmentation off and on, and of ensembles of 2-4 members against one, medians after a warm-up
-epoch of `--steps` steps, on `--cpu-devices` CPU devices (1 unless given); beside each,
-Keras' Model 3 at the same settings (one network; with augmentation, Keras' own random layers
-in front of it), alternating round by round.
+--recipe: ms per training step of Model 3 under `--recipe strong` (32x32, the recipe's batch
+unless `--batch-size` is given) with augmentation off and on, and of ensembles of 2-4 members
+against one, medians after a warm-up epoch of `--steps` steps, on `--cpu-devices` CPU devices
+(1 unless given); beside each, Keras' Model 3 at the same settings (one network; with
+augmentation, Keras' own random layers in front of it), alternating round by round.
 
 JAX's side runs with glibc keeping freed memory (backend.keep_freed_memory, as the `cnn-jax`
 command does), Keras' with glibc's defaults (the settings slowed its augmented step by
@@ -53,7 +53,8 @@ from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 
 
-def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_default=False):
+def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_default=False,
+                 batch=None):  # fmt: skip
     """Each side in a process of its own, the two alternating `rounds` times: in one process,
     TensorFlow's threads slowed JAX's step by a tenth or more (BENCHMARKS.md)."""
     rows, keras_ms = [], {}
@@ -63,16 +64,16 @@ def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_de
             time_keras = augment not in keras_ms  # Keras' figure is one network's: once
             keras_ms.setdefault(augment, [])
             for _ in range(rounds):
-                ms += _side_round("jax", data, steps, k, augment, devices, malloc_default)
+                ms += _side_round("jax", data, steps, k, augment, devices, malloc_default, batch)
                 if time_keras:
                     keras_ms[augment] += _side_round("keras", data, steps, 1, augment, devices,
-                                                     malloc_default)  # fmt: skip
+                                                     malloc_default, batch)  # fmt: skip
             rows.append({"members": k, "augment": augment, "ms_per_step": statistics.median(ms),
                          "keras_ms_per_step": statistics.median(keras_ms[augment])})  # fmt: skip
             first = rows[0]  # one network without augmentation, when members holds 1
             ratio = (f"{rows[-1]['ms_per_step'] / first['ms_per_step']:.2f}x one network without "
                      "augmentation;  ") if first["members"] == 1 else ""  # fmt: skip
-            print(f"recipe model 3  devices {devices}  members {k}  "
+            print(f"recipe model 3  batch {_batch(batch)}  devices {devices}  members {k}  "
                   f"augment {'on ' if augment else 'off'}  "
                   f"{rows[-1]['ms_per_step']:7.1f} ms/step  {ratio}"
                   f"Keras' Model 3, one network, augment "
@@ -81,25 +82,31 @@ def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_de
     return rows
 
 
-def _side_round(side, data, steps, members, augment, devices, malloc_default) -> list[float]:
+def _side_round(side, data, steps, members, augment, devices, malloc_default, batch):
     """One side's timed steps after a warm-up round, from a fresh process (`--side`)."""
     command = [sys.executable, __file__, *([data] if data else []), "--recipe", "--side", side]
     command += ["--members", str(members), "--steps", str(steps), "--cpu-devices", str(devices)]
     command += ["--augment"] * augment + ["--malloc-default"] * malloc_default
+    command += ["--batch-size", str(batch)] if batch else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"bench.py --side {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def recipe_side(side, ds, train_idx, steps, members, augment, devices) -> list[float]:
+def _batch(batch: int | None) -> int:
+    """The batch the recipe's bench runs: `batch`, or the recipe's own."""
+    return batch or with_recipe("strong").batch_size
+
+
+def recipe_side(side, ds, train_idx, steps, members, augment, devices, batch) -> list[float]:
     """ms per step of one timed round of `side` ('jax' or 'keras'), after a warm-up round."""
     if side == "keras":
-        fit = _keras_recipe(ds, train_idx, steps, augment)
+        fit = _keras_recipe(ds, train_idx, steps, augment, _batch(batch))
         fit()
         return fit()[1:]  # a fit's first batch sets it up
     cfg = with_recipe("strong", model=3, ensemble=members, augment=augment, devices=devices,
-                      platform="cpu")  # fmt: skip
+                      platform="cpu", batch_size=_batch(batch))  # fmt: skip
     trainer, state = create_trainer(cfg, 43, steps)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     order = np.arange(steps * cfg.batch_size)
@@ -108,8 +115,8 @@ def recipe_side(side, ds, train_idx, steps, members, augment, devices) -> list[f
     return train_epoch(trainer, state, images, labels, order, seeds)[1]
 
 
-def _keras_recipe(ds, train_idx, steps, augment):
-    """A Keras Model 3 at the recipe's settings (32x32, standard pixels, batch 64, AdamW with
+def _keras_recipe(ds, train_idx, steps, augment, batch):
+    """A Keras Model 3 at the recipe's settings (32x32, standard pixels, `batch`, AdamW with
     warmup and cosine decay, label smoothing), with Keras' own random layers in front for
     augmentation (rotation, zoom, shear, shift, brightness, contrast, as --augment): a function
     running one timed `fit` of `steps`."""
@@ -136,14 +143,14 @@ def _keras_recipe(ds, train_idx, steps, augment):
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
     net.compile(optimizer=optimizer, loss=loss)
-    n = steps * 64
+    n = steps * batch
     x = ds.images[train_idx][:n].astype(np.float32)
     x = x if augment else data_lib.scale_pixels(x, "standard")
     y = keras.utils.to_categorical(ds.labels[train_idx][:n], 43)
 
     def fit():
         timer = StepTimer()
-        net.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[timer])
+        net.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
         return timer.ms
 
     return fit
@@ -293,6 +300,8 @@ def main() -> None:
     p.add_argument("--recipe", action="store_true", help="only Model 3, augmentation, ensembles")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="with --recipe: the ensemble sizes")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="with --recipe: images per step (none: the recipe's)")  # fmt: skip
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="JAX's CPU devices for the training and inference rows (none: JAX's "
                    "own; cnn-jax train gives Model 3 one per core)")  # fmt: skip
@@ -328,15 +337,15 @@ def main() -> None:
             raise SystemExit("glibc did not take the memory setting: run with --malloc-default")
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
-        train_idx = np.resize(np.arange(len(ds.labels)), args.steps * 64)
+        train_idx = np.resize(np.arange(len(ds.labels)), args.steps * _batch(args.batch_size))
         ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
-                         devices)  # fmt: skip
+                         devices, args.batch_size)  # fmt: skip
         print(json.dumps(ms))
         return
     if args.recipe:
         print(json.dumps({**machine(), "jax_keep_freed_memory": _keeps_freed_memory(args)}))
         bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
-                     args.malloc_default)  # fmt: skip
+                     args.malloc_default, args.batch_size)  # fmt: skip
         return
     if args.quick:
         args.steps, args.rounds = 5, 1
