@@ -433,3 +433,19 @@ def test_seeds_script_runs_each_seed_and_prints_the_mean(tmp_path):
     exact = [m["test_accuracy"] for m in runs]
     assert [r[1] for r in rows] == [f"{a:.4f}" for a in exact]
     assert f"mean {sum(exact) / 2:.4f}" in out
+
+
+def test_a_run_begun_under_an_older_recipe_resumes_with_the_same_command(tmp_path, capsys):
+    args = ["train", "--model", "3", "--recipe", "strong", "--epochs", "2", "--image-size", "16"]
+    args += ["--synthetic-per-class", "2", "--platform", "cpu", "--workdir", str(tmp_path)]
+    # The run began when the recipe's batch was 64 (its default before it became 16).
+    assert main(args + ["--batch-size", "64", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--quiet"]) == 0
+    assert "resuming with the run's --batch-size 64 (--recipe strong now sets 16)" in (
+        capsys.readouterr().err
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
+    # A setting given still has to match the run's.
+    assert main(args + ["--batch-size", "32", "--quiet"]) == 2
+    assert "--batch-size is 32 but the run" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`cnn-jax train`: the data loaded, `fit` run, and Ctrl-C or SIGTERM turned into a checkpoint."""
 
+import json
 import signal
 import sys
 import time
@@ -126,7 +127,9 @@ def _config(args) -> Config:
     given = given_settings(args)
     if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
         given["data"] = str(Path(given["data"]).resolve())
-    cfg = config_lib.with_recipe(given.pop("recipe", None), **given)
+    recipe = given.pop("recipe", None)
+    kept = _recipe_as_saved(recipe, given, args)
+    cfg = config_lib.with_recipe(recipe, **kept, **given)
     _refuse_no_effect(given, cfg)
     # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
     if cfg.epochs < 1:
@@ -135,6 +138,30 @@ def _config(args) -> Config:
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, not {value}")
     return cfg
+
+
+def _recipe_as_saved(recipe: str | None, given: dict, args) -> dict:
+    """The settings a resumed run keeps from the recipe as it was when the run began.
+
+    A recipe's defaults may change between versions (the strong recipe's batch went from 64 to
+    16): the same command must still resume the run. Only settings the user did not give are
+    kept; an unreadable config.json keeps none, and the checkpoint's own check then decides.
+    """
+    if recipe is None or args.restart or not args.workdir:
+        return {}
+    try:
+        saved = json.loads((Path(args.workdir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("recipe") != recipe:
+        return {}
+    saved = config_lib.saved_settings(saved)
+    now = config_lib.RECIPE_SETTINGS.get(recipe, {})
+    kept = {k: saved[k] for k in now if k not in given and k in saved and saved[k] != now[k]}
+    for key, value in kept.items():
+        print(f"resuming with the run's {config_lib.flag(key)} {value} (--recipe {recipe} now "
+              f"sets {now[key]})", file=sys.stderr)  # fmt: skip
+    return kept
 
 
 def _refuse_no_effect(given: dict, cfg: Config) -> None:
