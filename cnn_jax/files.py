@@ -60,7 +60,7 @@ def check_run_folder(workdir: Path) -> None:
     if not workdir.is_dir():
         return
     config = workdir / "config.json"
-    if config.exists() and not _is_run_config(config):
+    if config.exists() and run_config(workdir) is None:
         foreign = ["config.json"]
     elif (workdir / "checkpoints").is_dir() or config.exists():
         return
@@ -74,12 +74,15 @@ def check_run_folder(workdir: Path) -> None:
         )
 
 
-def _is_run_config(path: Path) -> bool:
+def run_config(workdir: Path) -> dict | None:
+    """The settings in a run folder's config.json, or None when it has none a cnn-jax run
+    wrote (missing, unreadable, or someone else's file)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads((Path(workdir) / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(value, dict) and {"model", "epochs", "seed"} <= value.keys()
+        return None
+    is_run = isinstance(value, dict) and {"model", "epochs", "seed"} <= value.keys()
+    return value if is_run else None
 
 
 @contextlib.contextmanager

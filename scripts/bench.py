@@ -53,8 +53,8 @@ from keras_ref.models import create_model
 from keras_ref.train import StepTimer
 
 
-def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_default=False,
-                 batch=None):  # fmt: skip
+def bench_recipe(data, steps, rounds, batch, members=(1, 2, 3, 4), devices=1,
+                 malloc_default=False):  # fmt: skip
     """Each side in a process of its own, the two alternating `rounds` times: in one process,
     TensorFlow's threads slowed JAX's step by a tenth or more (BENCHMARKS.md)."""
     rows, keras_ms = [], {}
@@ -73,7 +73,7 @@ def bench_recipe(data, steps, rounds, members=(1, 2, 3, 4), devices=1, malloc_de
             first = rows[0]  # one network without augmentation, when members holds 1
             ratio = (f"{rows[-1]['ms_per_step'] / first['ms_per_step']:.2f}x one network without "
                      "augmentation;  ") if first["members"] == 1 else ""  # fmt: skip
-            print(f"recipe model 3  batch {_batch(batch)}  devices {devices}  members {k}  "
+            print(f"recipe model 3  batch {batch}  devices {devices}  members {k}  "
                   f"augment {'on ' if augment else 'off'}  "
                   f"{rows[-1]['ms_per_step']:7.1f} ms/step  {ratio}"
                   f"Keras' Model 3, one network, augment "
@@ -87,26 +87,21 @@ def _side_round(side, data, steps, members, augment, devices, malloc_default, ba
     command = [sys.executable, __file__, *([data] if data else []), "--recipe", "--side", side]
     command += ["--members", str(members), "--steps", str(steps), "--cpu-devices", str(devices)]
     command += ["--augment"] * augment + ["--malloc-default"] * malloc_default
-    command += ["--batch-size", str(batch)] if batch else []
+    command += ["--batch-size", str(batch)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"bench.py --side {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def _batch(batch: int | None) -> int:
-    """The batch the recipe's bench runs: `batch`, or the recipe's own."""
-    return batch or with_recipe("strong").batch_size
-
-
 def recipe_side(side, ds, train_idx, steps, members, augment, devices, batch) -> list[float]:
     """ms per step of one timed round of `side` ('jax' or 'keras'), after a warm-up round."""
     if side == "keras":
-        fit = _keras_recipe(ds, train_idx, steps, augment, _batch(batch))
+        fit = _keras_recipe(ds, train_idx, steps, augment, batch)
         fit()
         return fit()[1:]  # a fit's first batch sets it up
     cfg = with_recipe("strong", model=3, ensemble=members, augment=augment, devices=devices,
-                      platform="cpu", batch_size=_batch(batch))  # fmt: skip
+                      platform="cpu", batch_size=batch)  # fmt: skip
     trainer, state = create_trainer(cfg, 43, steps)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     order = np.arange(steps * cfg.batch_size)
@@ -331,21 +326,22 @@ def main() -> None:
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
     devices = args.cpu_devices or 1
+    batch = args.batch_size or with_recipe("strong").batch_size  # --recipe's
     if args.side:  # one side's round, in a process of its own (bench_recipe)
         if args.side == "jax" and _keeps_freed_memory(args) and not backend.keep_freed_memory():
             # as `cnn-jax` does; Keras keeps glibc's defaults
             raise SystemExit("glibc did not take the memory setting: run with --malloc-default")
         root = Path(args.data).resolve() if args.data else None
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
-        train_idx = np.resize(np.arange(len(ds.labels)), args.steps * _batch(args.batch_size))
+        train_idx = np.resize(np.arange(len(ds.labels)), args.steps * batch)
         ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
-                         devices, args.batch_size)  # fmt: skip
+                         devices, batch)  # fmt: skip
         print(json.dumps(ms))
         return
     if args.recipe:
         print(json.dumps({**machine(), "jax_keep_freed_memory": _keeps_freed_memory(args)}))
-        bench_recipe(args.data, args.steps, args.rounds, args.members, devices,
-                     args.malloc_default, args.batch_size)  # fmt: skip
+        bench_recipe(args.data, args.steps, args.rounds, batch, args.members, devices,
+                     args.malloc_default)  # fmt: skip
         return
     if args.quick:
         args.steps, args.rounds = 5, 1

@@ -1,12 +1,11 @@
 """`cnn-jax train`: the data loaded, `fit` run, and Ctrl-C or SIGTERM turned into a checkpoint."""
 
-import json
 import signal
 import sys
 import time
 from pathlib import Path
 
-from cnn_jax import backend, distributed, signals
+from cnn_jax import backend, distributed, files, signals
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax.cli.options import given_settings
@@ -149,11 +148,8 @@ def _recipe_as_saved(recipe: str | None, given: dict, args) -> dict:
     """
     if recipe is None or args.restart or not args.workdir:
         return {}
-    try:
-        saved = json.loads((Path(args.workdir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(saved, dict) or saved.get("recipe") != recipe:
+    saved = files.run_config(args.workdir)
+    if saved is None or saved.get("recipe") != recipe:
         return {}
     saved = config_lib.saved_settings(saved)
     now = config_lib.RECIPE_SETTINGS.get(recipe, {})
