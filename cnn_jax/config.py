@@ -224,6 +224,15 @@ class Config:
         resume=True,
     )
     dropout: float = setting(0.5, "dropout rate before the last layer", low=0, below=1, resume=True)
+    ema: float = setting(
+        0.0,
+        "keep an exponential moving average of the weights with this decay per step (0.999: "
+        "about the last 1,000 steps), which is then the run's model: tested, checkpointed for "
+        "evaluate, predict and export (0: none, the last step's weights)",
+        low=0,
+        below=1,
+        resume=True,
+    )
     augment: bool = setting(
         False,
         "random rotation, scaling, shear, shift, brightness and contrast of each training "

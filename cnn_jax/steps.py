@@ -63,11 +63,27 @@ class TrainState(NamedTuple):
     metrics: jax.Array
     # nnx.State of the running batch-norm statistics; empty for Models 1 and 2
     batch_stats: Any = None
+    # With --ema: the moving average of `last_weights` (nnx.State), the run's model; else None
+    ema: Any = None
+
+    @property
+    def last_weights(self):
+        """The last step's parameters and running statistics, as one nnx.State."""
+        return nnx.merge_state(self.params, self.batch_stats)
 
     @property
     def weights(self):
-        """What inference needs: the parameters and the running statistics, as one nnx.State."""
-        return nnx.merge_state(self.params, self.batch_stats)
+        """What inference needs: the moving average with --ema, else `last_weights`."""
+        return self.last_weights if self.ema is None else self.ema
+
+
+def moving_average(average, weights, decay: float, step):
+    """One step of an exponential moving average of the weights. The decay starts small
+    ((1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage with num_updates), so
+    that the initial weights do not linger in a short run."""
+    step = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda a, w: a + (1.0 - d) * (w - a), average, weights)
 
 
 def cross_entropy(
@@ -106,6 +122,7 @@ class Trainer:
     # --distill-views: the teacher network, which classifies each augmented batch in the step;
     # its weights come in the targets' place (distill.py)
     teacher: Predictor | None = None
+    ema: float = 0.0  # --ema: the decay of the weights' moving average; 0: none
 
     @property
     def platform(self) -> str:
@@ -140,7 +157,10 @@ class Trainer:
 
         def init(params, batch_stats):
             zero = jnp.zeros([], jnp.int32)
-            return TrainState(params, self.tx.init(params), zero, jnp.zeros(3), batch_stats)
+            state = TrainState(params, self.tx.init(params), zero, jnp.zeros(3), batch_stats)
+            # a copy: the step donates the state, and no buffer may be donated twice
+            ema = jax.tree.map(jnp.copy, state.last_weights) if self.ema else None
+            return state._replace(ema=ema)
 
         batch_stats = nnx.State({}) if batch_stats is None else batch_stats
         return jax.vmap(init)(params, batch_stats) if self.members else init(params, batch_stats)
@@ -214,7 +234,10 @@ class Trainer:
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * weights)
         count = jnp.sum(weights)
         metrics = state.metrics + jnp.stack([loss * count, correct, count])
-        return TrainState(params, opt_state, state.step + 1, metrics, batch_stats)
+        new = TrainState(params, opt_state, state.step + 1, metrics, batch_stats)
+        if state.ema is None:
+            return new
+        return new._replace(ema=moving_average(state.ema, new.last_weights, self.ema, state.step))
 
 
 def _network(config: Config, num_classes: int):
@@ -276,6 +299,7 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
         label_smoothing=config.label_smoothing,
         members=config.ensemble if config.ensemble > 1 else 0,
         deterministic=config.deterministic,
+        ema=config.ema,
     )
 
 

@@ -283,6 +283,11 @@ def _finish(loop, run, state, pick, stuck, step_ms) -> dict:
             weights, metrics["selected_epoch"] = run.trainer.predictor.place(best[2]), best[1]
             metrics["val_accuracy"] = best[0]
     ev = evaluate(run.trainer.predictor, weights, *run.test)
+    if state.ema is not None and pick is None:  # what the average changed, on the same run
+        last = evaluate(run.trainer.predictor, state.last_weights, *run.test)
+        metrics.update(
+            last_weights_test_loss=last["loss"], last_weights_test_accuracy=last["accuracy"]
+        )
     if "member_accuracy" in ev:
         metrics["member_test_accuracy"] = ev["member_accuracy"]
     metrics.update(

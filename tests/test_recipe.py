@@ -296,6 +296,46 @@ def test_resume_is_bit_identical_with_augmentation_and_batch_norm(small, tmp_pat
     assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
 
 
+def test_the_moving_average_starts_short_then_decays_at_its_rate():
+    average, weights = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    first = steps.moving_average(average, weights, 0.99, jnp.int32(0))  # decay 1/10 at step 0
+    np.testing.assert_allclose(first["w"], 0.9, rtol=1e-6)
+    late = steps.moving_average(average, weights, 0.99, jnp.int32(10**6))
+    np.testing.assert_allclose(late["w"], 0.01, rtol=1e-5)
+
+
+def test_the_moving_average_is_the_runs_model_and_resumes_exactly(small, tmp_path):
+    cfg = dataclasses.replace(STRONG, ema=0.9)
+    (ref, ref_metrics), (state, metrics) = _uninterrupted_and_resumed(cfg, small, tmp_path, 5)
+    digest = checkpoint.params_digest
+    assert digest(ref.weights) == digest(ref.ema) != digest(ref.last_weights)
+    for key in ("test_accuracy", "test_loss", "last_weights_test_accuracy"):
+        assert metrics[key] == ref_metrics[key]
+    # The average only watches: the run trains as it would without it, and says what it scored.
+    plain, plain_metrics = train.fit(STRONG, small, verbose=False)
+    assert digest(plain.last_weights) == digest(ref.last_weights)
+    assert plain_metrics["test_accuracy"] == metrics["last_weights_test_accuracy"]
+    restored = load_checkpoint(tmp_path)
+    assert digest(restored.params) == digest(state.ema)
+    ev = evaluate(restored.predictor, restored.params, *_test_split(cfg, small))
+    assert ev["accuracy"] == metrics["test_accuracy"]
+    last = evaluate(restored.predictor, restored.predictor.place(state.last_weights),
+                    *_test_split(cfg, small))  # fmt: skip
+    assert last["accuracy"] == metrics["last_weights_test_accuracy"]
+
+
+def test_an_ensembles_moving_average_has_one_per_member(small):
+    trainer, state = steps.create_trainer(_ensemble(2, ema=0.9), 43, 1)
+    images, labels = trainer.place((small.images, small.labels))
+    order = trainer.place(np.arange(64, dtype=np.int32))
+    state = trainer.train_step(state, images, labels, order, 64, 0, np.arange(2, dtype=np.int32))
+    for average, last in zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.last_weights)):
+        assert average.shape == last.shape and average.shape[0] == 2
+    ema, last = checkpoint.flatten(state.ema), checkpoint.flatten(state.last_weights)
+    kernel = next(k for k in ema if k.endswith("kernel/value"))
+    assert not np.allclose(ema[kernel], last[kernel])  # one step: 0.9 of the way
+
+
 def test_batch_norm_statistics_are_saved_and_restored(small, tmp_path):
     state, metrics = train.fit(dataclasses.replace(STRONG, epochs=1), small, tmp_path,
                                verbose=False)  # fmt: skip

@@ -87,6 +87,12 @@ def command(args) -> int:
         print(f"run folder: {workdir.resolve()}")
         for line in _reading_notes(cfg, ds, metrics):
             print(line)
+        if "last_weights_test_accuracy" in metrics:
+            print(
+                f"the last step's weights, without --ema's average: test loss "
+                f"{metrics['last_weights_test_loss']:.4f}, accuracy "
+                f"{metrics['last_weights_test_accuracy']:.4f}"
+            )
     if distributed.is_main():
         print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
