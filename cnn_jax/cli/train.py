@@ -87,20 +87,15 @@ def command(args) -> int:
         print(f"run folder: {workdir.resolve()}")
         for line in _reading_notes(cfg, ds, metrics):
             print(line)
-        if "last_weights_test_accuracy" in metrics:
-            print(
-                f"the last step's weights, without --ema's average: test loss "
-                f"{metrics['last_weights_test_loss']:.4f}, accuracy "
-                f"{metrics['last_weights_test_accuracy']:.4f}"
-            )
     if distributed.is_main():
         print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
 
 
 def _reading_notes(cfg: Config, ds: data_lib.Dataset, metrics: dict) -> list[str]:
-    """What the test line below them measures: the epoch that validation chose, and whether
-    the test side holds photos of signs the network trained on."""
+    """What the test line below them measures: the epoch that validation chose, whether the
+    test side holds photos of signs the network trained on, and with --ema what the last
+    step's weights scored beside the average."""
     notes = []
     if "val_accuracy" in metrics:
         share = f"{cfg.val_size:g} of the training side"
@@ -110,6 +105,10 @@ def _reading_notes(cfg: Config, ds: data_lib.Dataset, metrics: dict) -> list[str
         notes.append("note: the random split put photos of the same physical signs (GTSRB "
                      "tracks) on both sides, so the test figure reads higher than on signs "
                      "never seen; --split track measures those")  # fmt: skip
+    if "last_weights_test_accuracy" in metrics:
+        notes.append(f"the last step's weights, without --ema's average: test loss "
+                     f"{metrics['last_weights_test_loss']:.4f}, accuracy "
+                     f"{metrics['last_weights_test_accuracy']:.4f}")  # fmt: skip
     return notes
 
 
