@@ -1,9 +1,9 @@
 """Random geometric and photometric changes of training images, on the device inside the step.
 
 Each image gets its own small random affine map (rotation, scaling, shear, translation),
-brightness and contrast change and, when asked for, a gamma change, blur, pixel noise and an
-erased rectangle, drawn from a key the step derives from the run's seed and the global step, so a
-resumed run draws the same changes.
+brightness and contrast change and, when asked for, an elastic distortion, a gamma change,
+blur, pixel noise and an erased rectangle, drawn from a key the step derives from the run's
+seed and the global step, so a resumed run draws the same changes.
 No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
@@ -45,12 +45,15 @@ def about_centre(linear: jax.Array, shift: jax.Array, side: int) -> jax.Array:
     return jnp.concatenate([linear, offset[:, None]], axis=1)
 
 
-def warp(image: jax.Array, pull: jax.Array) -> jax.Array:
+def warp(image: jax.Array, pull: jax.Array, bend: jax.Array | None = None) -> jax.Array:
     """An HWC image resampled where the 2x3 `pull` sends each output (row, col, 1): bilinear,
-    edges repeated; differentiable in `pull` (the spatial transformer learns through it)."""
+    edges repeated; differentiable in `pull` (the spatial transformer learns through it).
+    `bend`, an (h, w, 2) field, first moves each output pixel by its own (rows, cols)."""
     h, w, channels = image.shape
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                               indexing="ij")  # fmt: skip
+    if bend is not None:
+        rows, cols = rows + bend[..., 0], cols + bend[..., 1]
     coords = [pull[i, 0] * rows + pull[i, 1] * cols + pull[i, 2] for i in range(2)]
     return jnp.stack(
         [ndimage.map_coordinates(image[..., c], coords, order=1, mode="nearest")
@@ -60,7 +63,10 @@ def warp(image: jax.Array, pull: jax.Array) -> jax.Array:
 
 def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     k_geom, k_bright, k_contrast = jax.random.split(key, 3)
-    image = warp(image, _pull_matrix(k_geom, image.shape[0], s))
+    side = image.shape[0]
+    # The elastic field bends the pixels before the affine map moves them: one resampling.
+    bend = _bend(jax.random.fold_in(key, ELASTIC_TAG), side, s.elastic) if s.elastic else None
+    image = warp(image, _pull_matrix(k_geom, side, s), bend)
     # Gamma, blur, noise and erasing draw from keys of their own (fold_in with a tag), so that
     # the split(key, 3) draws stay as they were for runs saved before them; at strength 0 they
     # are left out of the program. The tags are far from 0..2: fold_in(key, i) can equal
@@ -86,6 +92,7 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
 EXTRA_DRAWS_TAG = 0x626C7572  # "blur"
 ERASE_TAG = 0x65726173  # "eras"
 GAMMA_TAG = 0x67616D6D  # "gamm"
+ELASTIC_TAG = 0x656C6173  # "elas"
 
 
 def _gamma(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
@@ -112,6 +119,23 @@ def _blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
     h, w = image.shape[:2]
     rows = sum(weights[i] * padded[i : i + h] for i in range(2 * r + 1))
     return sum(weights[i] * rows[:, i : i + w] for i in range(2 * r + 1))
+
+
+# Control points across the side of the elastic field: 6 pixels apart at 48x48, about half a
+# digit's height, so strokes bend and glyphs change shape (as handwriting does in Simard et al.
+# 2003, whose Gaussian-smoothed field this approximates) while the sign stays whole; at 16
+# points (3 pixels apart) a spread of 0.03 tore signs apart.
+ELASTIC_POINTS = 8
+
+
+def _bend(key: jax.Array, side: int, largest: float) -> jax.Array:
+    """A smooth random (side, side, 2) displacement field: normal draws at ELASTIC_POINTS x
+    ELASTIC_POINTS control points, cubic-interpolated to every pixel, scaled to a spread drawn
+    uniformly up to `largest` times the side."""
+    k_reach, k_field = jax.random.split(key)
+    spread = jax.random.uniform(k_reach, (), maxval=largest) * side
+    points = jax.random.normal(k_field, (ELASTIC_POINTS, ELASTIC_POINTS, 2))
+    return jax.image.resize(points, (side, side, 2), method="cubic") * spread
 
 
 def _erase(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:

@@ -131,6 +131,13 @@ class Strengths:
         low=0,
         high=1,
     )
+    elastic: float = setting(
+        0.0,
+        "largest elastic distortion: every pixel moved by a smooth random field whose spread "
+        "is up to this fraction of the side (0: none)",
+        low=0,
+        high=0.1,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

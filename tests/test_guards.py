@@ -27,6 +27,7 @@ from cnn_jax.config import Config
         (["--stn"], "--stn is for --model 3 only, not --model 2"),
         (["--augment", "--aug-blur", "2.5"], "--aug-blur must be at most 2, not 2.5"),
         (["--augment", "--aug-erase", "1.5"], "--aug-erase must be at most 1, not 1.5"),
+        (["--augment", "--aug-elastic", "0.2"], "--aug-elastic must be at most 0.1, not 0.2"),
         (["--augment", "--aug-gamma", "-1"], "--aug-gamma must be at least 0, not -1"),
     ],
 )

@@ -112,6 +112,26 @@ def test_erasing_replaces_one_rectangle_per_image_and_leaves_the_rest_as_drawn_w
     assert sum(c.any() for c in changed) >= 12
 
 
+def test_an_elastic_distortion_moves_each_pixel_by_its_own_smooth_field():
+    # A ramp along the columns, read bilinearly, gives back where each pixel was read from.
+    side, largest = 32, 0.05
+    ramp = np.broadcast_to(np.arange(side, dtype=np.float32)[None, :, None] * 4, (side, side, 3))
+    images = np.repeat(ramp[None], 16, axis=0)
+    only = augment.Strengths(0, 0, 0, 0, 0, 0, elastic=largest)
+    key = jax.random.key(9)
+    out = np.asarray(augment.augment(key, images, only))
+    moved = out[..., 0] / 4 - np.arange(side)
+    inner = (slice(None), slice(4, -4), slice(4, -4))  # away from the repeated edges
+    for k, got in zip(jax.random.split(key, len(images)), moved):
+        bend = augment._bend(jax.random.fold_in(k, augment.ELASTIC_TAG), side, largest)
+        np.testing.assert_allclose(got[4:-4, 4:-4], np.asarray(bend)[4:-4, 4:-4, 1], atol=1e-3)
+    # Each image by its own amount, under a few spreads of the largest; smooth: neighbours
+    # move alike (independent draws per pixel would differ by 1.4 times their mean size).
+    spread = np.abs(moved[inner]).mean(axis=(1, 2))
+    assert spread.min() < 0.5 * spread.max() and spread.max() < 4 * largest * side
+    assert np.abs(np.diff(moved[inner], axis=2)).mean() < 0.6 * np.abs(moved[inner]).mean()
+
+
 def test_a_gamma_change_raises_each_image_to_one_power_within_its_reach():
     images = np.random.default_rng(4).integers(20, 236, (32, 12, 12, 3), dtype=np.uint8)
     only = augment.Strengths(0, 0, 0, 0, 0, 0, gamma=1.0)
