@@ -39,12 +39,17 @@ def command(args) -> int:
         from cnn_jax.callbacks import DIVERGED_EXIT, Diverged
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
-        cfg = _config(args)
+        cfg, kept = _config(args)
         if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
             backend.split_cpu(cfg.model, cfg.batch_size)  # before JAX starts
         _join(args)  # before anything touches the backend
         backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
     verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
+    if distributed.is_main():
+        for key, value in kept.items():
+            print(f"resuming with the run's {config_lib.flag(key)} {value} (--recipe "
+                  f"{cfg.recipe} now sets {config_lib.RECIPE_SETTINGS[cfg.recipe][key]})",
+                  file=sys.stderr)  # fmt: skip
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     signals.check()  # nothing trains after a signal that came while loading
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -126,8 +131,10 @@ def _join(args) -> None:
     distributed.join(given, args.distributed == "auto", args.join_timeout, args.heartbeat_timeout)
 
 
-def _config(args) -> Config:
-    """The run's configuration: the recipe, then the options given; refused when it cannot run."""
+def _config(args) -> tuple[Config, dict]:
+    """The run's configuration: the recipe, then the options given; refused when it cannot run.
+    Also the settings kept from the recipe as the run saved it, said once the processes know
+    which of them speaks."""
     given = given_settings(args)
     if given.get("data"):  # an empty one ($DATA unset) stays empty, and Config refuses it
         given["data"] = str(Path(given["data"]).resolve())
@@ -141,7 +148,7 @@ def _config(args) -> Config:
     for name, value in (("--save-every", args.save_every), ("--log-every", args.log_every)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, not {value}")
-    return cfg
+    return cfg, kept
 
 
 def _recipe_as_saved(recipe: str | None, given: dict, args) -> dict:
@@ -158,11 +165,7 @@ def _recipe_as_saved(recipe: str | None, given: dict, args) -> dict:
         return {}
     saved = config_lib.saved_settings(saved)
     now = config_lib.RECIPE_SETTINGS.get(recipe, {})
-    kept = {k: saved[k] for k in now if k not in given and k in saved and saved[k] != now[k]}
-    for key, value in kept.items():
-        print(f"resuming with the run's {config_lib.flag(key)} {value} (--recipe {recipe} now "
-              f"sets {now[key]})", file=sys.stderr)  # fmt: skip
-    return kept
+    return {k: saved[k] for k in now if k not in given and k in saved and saved[k] != now[k]}
 
 
 def _refuse_no_effect(given: dict, cfg: Config) -> None:
