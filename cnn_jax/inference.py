@@ -233,40 +233,59 @@ def _apart(data_dir) -> str:
     return f"read other images from {data_dir} (another --decoder skips other files)"
 
 
-def predict_files(restored: Restored, paths: list[str], top_k: int = 3):
-    """For each path, (path, [(class, name, probability), ...] or an error string, and for an
-    ensemble each member's top (class, name, probability), else None)."""
+def predict_files(restored: Restored, paths: list[str], top_k: int = 3, others=()):
+    """For each path, (path, [(class, name, probability), ...] or an error string, and the top
+    (class, name, probability) of each part: each run when `others` make a committee with
+    `restored` (their mean probabilities rank the classes), each member of an ensemble, else
+    None)."""
     if top_k < 1:
         raise UserError("--top-k must be at least 1")
-    results, images, ok = [], [], []
+    runs = [restored, *others]
+    if others:
+        _check_committee(runs, data_dir=paths)  # files: no test split to share
+    results, images, ok = [], [[] for _ in runs], []
     for p in paths:
         try:
-            images.append(
-                data_lib.decode_image(p, restored.config.image_size, restored.config.decoder)
-            )
-            ok.append(len(results))
-            results.append((p, None, None))
+            decoded = [
+                data_lib.decode_image(p, r.config.image_size, r.config.decoder) for r in runs
+            ]
         except data_lib.UNREADABLE as e:
             results.append((p, f"cannot read {p}: {data_lib.describe_error(e, p)}", None))
-    if images:
-        batch = np.stack(images)
-        probs = np.asarray(restored.predictor.probabilities(restored.params, batch))
-        if not np.isfinite(probs).all():
-            raise UserError(
-                f"the network in {restored.directory} outputs non-numbers (NaN or infinite): "
-                "its weights are broken; train or import it again"
-            )
-        each = None
-        if restored.predictor.members:
-            each = np.asarray(restored.predictor.member_probabilities(restored.params, batch))
+            continue
+        for bucket, image in zip(images, decoded):
+            bucket.append(image)
+        ok.append(len(results))
+        results.append((p, None, None))
+    if ok:
+        probs, parts = _predicted(runs, [np.stack(x) for x in images])
         for n, (row, i) in enumerate(zip(probs, ok)):
             top = np.argsort(-row, kind="stable")[:top_k]
-            members = None
-            if each is not None:
-                best = np.argmax(each[:, n], axis=-1)
-                members = [(int(c), sign_name(int(c)), float(each[m, n, c]))
-                           for m, c in enumerate(best)]  # fmt: skip
+            each = None
+            if parts is not None:
+                best = np.argmax(parts[:, n], axis=-1)
+                each = [(int(c), sign_name(int(c)), float(parts[m, n, c]))
+                        for m, c in enumerate(best)]  # fmt: skip
             results[i] = (
-                paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top], members
+                paths[i], [(int(c), sign_name(int(c)), float(row[c])) for c in top], each
             )  # fmt: skip
     return results
+
+
+def _predicted(runs: list[Restored], batches: list[np.ndarray]):
+    """The runs' mean probabilities for their batches of the same images, and the parts to
+    list beside them: each run of a committee, each member of one run's ensemble, or None."""
+    each = []
+    for r, batch in zip(runs, batches):
+        probs = np.asarray(r.predictor.probabilities(r.params, batch))
+        if not np.isfinite(probs).all():
+            raise UserError(
+                f"the network in {r.directory} outputs non-numbers (NaN or infinite): "
+                "its weights are broken; train or import it again"
+            )
+        each.append(probs)
+    if len(runs) > 1:
+        return np.mean(each, axis=0), np.stack(each)
+    one = runs[0]
+    if one.predictor.members:
+        return each[0], np.asarray(one.predictor.member_probabilities(one.params, batches[0]))
+    return each[0], None

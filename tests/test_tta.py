@@ -127,6 +127,31 @@ def test_a_committee_of_runs_at_other_image_sizes_averages_their_probabilities(t
     on_folder = _evaluated(capsys, runs["a"], str(folder), "--average-with", runs["c"],
                            "--cache-dir", cache)  # fmt: skip
     assert on_folder["n"] == 43 * 6
+    _a_committee_classifies_files(capsys, runs, sorted(folder.rglob("*.ppm"))[:3])
+
+
+def _a_committee_classifies_files(capsys, runs, files):
+    """`predict --average-with`: the classes ranked by the runs' mean probabilities, each
+    run's own pick beside them."""
+    files = [str(f) for f in files]
+
+    def predicted(*args):
+        capsys.readouterr()
+        assert main(["predict", *args, *files, "--json", "--platform", "cpu"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    alone = [predicted(runs[r], "--top-k", "43") for r in "ab"]
+    both = predicted(runs["a"], "--average-with", runs["b"])
+    for n, row in enumerate(both):
+        each = [{t["class"]: t["probability"] for t in a[n]["top"]} for a in alone]
+        mean = {c: (each[0][c] + each[1][c]) / 2 for c in each[0]}
+        best = sorted(mean, key=lambda c: -mean[c])[:3]
+        assert [t["class"] for t in row["top"]] == best
+        assert [t["probability"] for t in row["top"]] == pytest.approx([mean[c] for c in best])
+        picks = [(r["run"], r["class"]) for r in row["runs"]]
+        assert picks == [(runs[r], a[n]["top"][0]["class"]) for r, a in zip("ab", alone)]
+    assert main(["predict", runs["a"], "--average-with", runs["b"], files[0]]) == 0
+    assert f"run {runs['b']}: " in capsys.readouterr().out
 
 
 def _stub_run(name, classes=43, size=16, data="d", config_classes=None):

@@ -57,9 +57,12 @@ def predict(args) -> int:
     _classifying(args.platform)
 
     restored = load_checkpoint(args.checkpoint, args.platform, args.tta)
-    results = predict_files(restored, args.images, args.top_k)
+    others = [load_checkpoint(run, args.platform, args.tta) for run in args.average_with]
+    results = predict_files(restored, args.images, args.top_k, others)
+    # Beside the ranking: each run of a committee, or each member of an ensemble.
+    kind, names = ("run", [args.checkpoint, *args.average_with]) if others else ("member", None)
     failed = 0
-    for path, top, members in results:
+    for path, top, parts in results:
         if isinstance(top, str):
             failed += 1
             print(f"cnn-jax predict: error: {top}", file=sys.stderr)
@@ -67,25 +70,24 @@ def predict(args) -> int:
             print(path)
             for rank, (c, name, p) in enumerate(top, start=1):
                 print(f"  {rank}. {p:7.2%}  {name} (class {c})")
-            for m, (c, name, p) in enumerate(members or []):
-                print(f"     member {m}: {p:7.2%}  {name} (class {c})")
+            for m, (c, name, p) in enumerate(parts or []):
+                print(f"     {kind} {names[m] if names else m}: {p:7.2%}  {name} (class {c})")
     if args.json:
-        rows = [
-            {"path": path, "error": top}
-            if isinstance(top, str)
-            else {
-                "path": path,
-                "top": [{"class": c, "name": n, "probability": p} for c, n, p in top],
-                **(
-                    {"members": [{"class": c, "name": n, "probability": p} for c, n, p in members]}
-                    if members
-                    else {}
-                ),  # fmt: skip
-            }
-            for path, top, members in results
-        ]
-        print(strict_json(rows))
+        print(strict_json([_predicted_json(path, top, parts, kind, names)
+                           for path, top, parts in results]))  # fmt: skip
     return 2 if failed else 0
+
+
+def _predicted_json(path, top, parts, kind, names) -> dict:
+    if isinstance(top, str):
+        return {"path": path, "error": top}
+    row = {"path": path, "top": [{"class": c, "name": n, "probability": p} for c, n, p in top]}
+    if parts:
+        row[f"{kind}s"] = [
+            {**({kind: names[m]} if names else {}), "class": c, "name": n, "probability": p}
+            for m, (c, n, p) in enumerate(parts)
+        ]
+    return row
 
 
 def report(args) -> int:

@@ -191,6 +191,10 @@ def _checkpoint_commands(command) -> None:
     pr = reads_checkpoint("predict", "classify image files with a checkpoint")
     pr.add_argument("images", nargs="+", help="image files (any format OpenCV or Pillow reads)")
     pr.add_argument("--top-k", type=int, default=3, help="how many classes to list per image")
+    pr.add_argument("--average-with", action="append", default=[], metavar="RUN",
+                    help="another run (any image size and pixel scaling) whose probabilities "
+                    "are averaged with the checkpoint's, a committee; repeat it for "
+                    "more")  # fmt: skip
     reads_checkpoint("info", "what a checkpoint holds, with a digest of its parameters", False)
 
 
