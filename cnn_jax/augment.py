@@ -2,8 +2,8 @@
 
 Each image gets its own small random affine map (rotation, scaling, shear, translation),
 brightness and contrast change and, when asked for, an elastic distortion, a gamma change,
-blur, pixel noise and an erased rectangle, drawn from a key the step derives from the run's
-seed and the global step, so a resumed run draws the same changes.
+a colour cast, blur, pixel noise and an erased rectangle, drawn from a key the step derives
+from the run's seed and the global step, so a resumed run draws the same changes.
 No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
@@ -76,6 +76,8 @@ def _one(key: jax.Array, image: jax.Array, s: Strengths) -> jax.Array:
     k_blur, k_spread, k_pixels = jax.random.split(jax.random.fold_in(key, EXTRA_DRAWS_TAG), 3)
     if s.blur:
         image = _blur(image, jax.random.uniform(k_blur, (), maxval=s.blur))
+    if s.colour:
+        image = _colour_cast(jax.random.fold_in(key, COLOUR_TAG), image, s.colour)
     mean = jnp.mean(image)
     factor = 1.0 + jax.random.uniform(k_contrast, (), minval=-s.contrast, maxval=s.contrast)
     delta = jax.random.uniform(k_bright, (), minval=-s.brightness, maxval=s.brightness) * 255.0
@@ -93,6 +95,18 @@ EXTRA_DRAWS_TAG = 0x626C7572  # "blur"
 ERASE_TAG = 0x65726173  # "eras"
 GAMMA_TAG = 0x67616D6D  # "gamm"
 ELASTIC_TAG = 0x656C6173  # "elas"
+COLOUR_TAG = 0x636F6C6F  # "colo"
+
+
+def _colour_cast(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
+    """Each channel times its own factor, uniform from 1 - largest to 1 + largest: a cast of
+    another light or camera. The per-image standardisation (`--pixels standard`) undoes
+    brightness and contrast changes but not this, so it is the one change of colour the
+    network sees; without it, a cast shared by the photos of a dark track can decide their
+    class."""
+    return image * (
+        1.0 + jax.random.uniform(key, image.shape[-1:], minval=-largest, maxval=largest)
+    )
 
 
 def _gamma(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:

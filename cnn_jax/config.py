@@ -131,6 +131,13 @@ class Strengths:
         low=0,
         high=1,
     )
+    colour: float = setting(
+        0.0,
+        "largest colour cast: each channel times its own factor from 1 - it to 1 + it, as "
+        "another light or camera gives (0: none)",
+        low=0,
+        below=1,
+    )
     elastic: float = setting(
         0.0,
         "largest elastic distortion: every pixel moved by a smooth random field whose spread "

@@ -146,6 +146,18 @@ def test_a_gamma_change_raises_each_image_to_one_power_within_its_reach():
     assert per_image[:, 0].min() < 0.8 and per_image[:, 0].max() > 1.25  # both ways
 
 
+def test_a_colour_cast_scales_each_channel_of_an_image_by_its_own_factor():
+    images = np.random.default_rng(5).integers(20, 190, (32, 12, 12, 3), dtype=np.uint8)
+    only = augment.Strengths(0, 0, 0, 0, 0, 0, colour=0.3)
+    out = np.asarray(augment.augment(jax.random.key(3), images, only), np.float64)
+    factors = (out / images).reshape(32, -1, 3)
+    np.testing.assert_allclose(factors, np.broadcast_to(factors[:, :1], factors.shape), rtol=1e-5)
+    first = factors[:, 0]  # (image, channel)
+    assert np.all((first > 0.7 - 1e-5) & (first < 1.3 + 1e-5))
+    assert first.min() < 0.8 and first.max() > 1.2  # both ways, over the reach
+    assert np.all(np.ptp(first, axis=1) > 1e-3)  # a cast: the channels apart, not a brightness
+
+
 def test_the_default_augmentation_draws_what_it_drew_before_blur_and_noise_existed():
     # Printed by cnn_jax/augment.py of af7579d for these images and key: a run saved then
     # resumes with the same changes.
