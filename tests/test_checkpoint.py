@@ -31,6 +31,11 @@ Config = functools.partial(_Config, platform="cpu")
 CFG = Config(epochs=2, synthetic_per_class=20, devices=1, eval_every_epoch=True)
 
 
+# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
+# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
+
 @pytest.fixture(scope="module")
 def small():
     return make_synthetic(CFG.synthetic_per_class)

@@ -20,6 +20,11 @@ from cnn_jax.train import fit
 _SMALL = ["--synthetic-per-class", "6", "--platform", "cpu", "--quiet"]
 
 
+# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
+# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("distill")
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher") / "run"

@@ -23,6 +23,11 @@ def _run(tmp_path_factory, tiny, name, **settings):
     return workdir
 
 
+# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
+# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("export")
+
+
 @pytest.fixture(scope="module")
 def model2(tmp_path_factory, tiny):
     return _run(tmp_path_factory, tiny, "model2")
