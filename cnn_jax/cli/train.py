@@ -45,11 +45,7 @@ def command(args) -> int:
         _join(args)  # before anything touches the backend
         backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
     verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
-    if distributed.is_main():
-        for key, value in kept.items():
-            print(f"resuming with the run's {config_lib.flag(key)} {value} (--recipe "
-                  f"{cfg.recipe} now sets {config_lib.RECIPE_SETTINGS[cfg.recipe][key]})",
-                  file=sys.stderr)  # fmt: skip
+    _say_kept(cfg, kept)
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
     signals.check()  # nothing trains after a signal that came while loading
     workdir = Path(args.workdir or f"runs/model{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -149,6 +145,17 @@ def _config(args) -> tuple[Config, dict]:
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, not {value}")
     return cfg, kept
+
+
+def _say_kept(cfg: Config, kept: dict) -> None:
+    """Names each setting a resumed run keeps from its recipe as it began, once: from process
+    0, which is known only after the processes join."""
+    if not distributed.is_main():
+        return
+    for key, value in kept.items():
+        print(f"resuming with the run's {config_lib.flag(key)} {value} (--recipe {cfg.recipe} "
+              f"now sets {config_lib.RECIPE_SETTINGS[cfg.recipe][key]})",
+              file=sys.stderr)  # fmt: skip
 
 
 def _recipe_as_saved(recipe: str | None, given: dict, args) -> dict:
