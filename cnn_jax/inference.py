@@ -172,7 +172,7 @@ def evaluate_committee(
     network by their mean probabilities: on every image of `data_dir`, or on their runs' test
     split, which must then be one split (a seed, --split or --test-size of its own would put
     another run's training images in it). Checked before any network runs."""
-    _check_committee(restored, data_dir)
+    _check_committee(restored, own_split=data_dir is None)
     loaded = [evaluation_data(r, data_dir, layout, cache_dir) for r in restored]
     ds, idx, source = loaded[0]
     for r, (other, other_idx, _) in zip(restored[1:], loaded[1:]):
@@ -199,8 +199,9 @@ def evaluate_committee(
     }
 
 
-def _check_committee(restored: list[Restored], data_dir) -> None:
-    """What makes a committee meaningless, known from the runs' settings alone."""
+def _check_committee(restored: list[Restored], own_split: bool) -> None:
+    """What makes a committee meaningless, known from the runs' settings alone; `own_split`
+    when it is judged on its runs' test split (not on a data folder or photos)."""
     first = restored[0]
     if len({r.directory.resolve() for r in restored}) < len(restored):
         raise UserError("a run is in the committee twice: each run counts once")
@@ -216,7 +217,7 @@ def _check_committee(restored: list[Restored], data_dir) -> None:
         for r in restored
         if r.config.data is None and not r.meta.imported_from
     }
-    if data_dir is None and len(synthetic) > 1:
+    if own_split and len(synthetic) > 1:
         raise UserError(
             "the synthetic signs are drawn anew for each image size and count, so these runs "
             "were not tested on the same images: give a data folder to evaluate on"
@@ -242,7 +243,7 @@ def predict_files(restored: Restored, paths: list[str], top_k: int = 3, others=(
         raise UserError("--top-k must be at least 1")
     runs = [restored, *others]
     if others:
-        _check_committee(runs, data_dir=paths)  # files: no test split to share
+        _check_committee(runs, own_split=False)
     results, images, ok = [], [[] for _ in runs], []
     for p in paths:
         try:

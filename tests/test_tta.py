@@ -187,4 +187,4 @@ def test_a_committee_of_synthetic_runs_of_one_size_passes_its_checks():
 
     # A run's num_classes None is the synthetic set's 43.
     runs = [_stub_run("r", data=None), _stub_run("s", data=None, config_classes=43)]
-    inference._check_committee(runs, None)
+    inference._check_committee(runs, own_split=True)
