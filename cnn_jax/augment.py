@@ -1,9 +1,10 @@
 """Random geometric and photometric changes of training images, on the device inside the step.
 
 Each image gets its own small random affine map (rotation, scaling, shear, translation),
-brightness and contrast change and, when asked for, an elastic distortion, a gamma change,
-a colour cast, blur, pixel noise and an erased rectangle, drawn from a key the step derives
-from the run's seed and the global step, so a resumed run draws the same changes.
+brightness and contrast change and, when asked for, a change of aspect, an elastic
+distortion, a gamma change, a colour cast, blur, pixel noise and an erased rectangle, drawn
+from a key the step derives from the run's seed and the global step, so a resumed run draws
+the same changes.
 No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
@@ -24,7 +25,8 @@ def _pull_matrix(key: jax.Array, side: int, s: Strengths) -> jax.Array:
     """A 2x3 map from output (row, col, 1) to input coordinates, about the centre.
 
     The draws are symmetric about the identity, so drawing the pull (inverse) map directly
-    gives the same distribution of changes as drawing the push map and inverting it.
+    gives the same distribution of changes as drawing the push map and inverting it. The
+    aspect draws from a key of its own, so the other five stay as they were without it.
     """
     k = jax.random.split(key, 5)
     u = lambda i, amp: jax.random.uniform(k[i], (), minval=-amp, maxval=amp)  # noqa: E731
@@ -34,6 +36,11 @@ def _pull_matrix(key: jax.Array, side: int, s: Strengths) -> jax.Array:
     shift = jnp.stack([u(3, s.shift), u(4, s.shift)]) * side
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     linear = jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, shear], [0.0, 1.0]]) / zoom
+    if s.aspect:
+        wide = 1.0 + jax.random.uniform(
+            jax.random.fold_in(key, ASPECT_TAG), (), minval=-s.aspect, maxval=s.aspect
+        )
+        linear = linear @ jnp.diag(jnp.array([1.0, wide]))  # columns only: the width
     return about_centre(linear, shift, side)
 
 
@@ -96,6 +103,7 @@ ERASE_TAG = 0x65726173  # "eras"
 GAMMA_TAG = 0x67616D6D  # "gamm"
 ELASTIC_TAG = 0x656C6173  # "elas"
 COLOUR_TAG = 0x636F6C6F  # "colo"
+ASPECT_TAG = 0x61737065  # "aspe"
 
 
 def _colour_cast(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:

@@ -138,6 +138,13 @@ class Strengths:
         low=0,
         below=1,
     )
+    aspect: float = setting(
+        0.0,
+        "largest change of aspect: the width times a factor from 1 - it to 1 + it, the height "
+        "kept, as a condensed or a wide font gives (0: none)",
+        low=0,
+        below=1,
+    )
     elastic: float = setting(
         0.0,
         "largest elastic distortion: every pixel moved by a smooth random field whose spread "

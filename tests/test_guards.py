@@ -30,6 +30,7 @@ from cnn_jax.config import Config
         (["--augment", "--aug-elastic", "0.2"], "--aug-elastic must be at most 0.1, not 0.2"),
         (["--augment", "--aug-gamma", "-1"], "--aug-gamma must be at least 0, not -1"),
         (["--augment", "--aug-colour", "1"], "--aug-colour must be below 1, not 1"),
+        (["--augment", "--aug-aspect", "1"], "--aug-aspect must be below 1, not 1"),
     ],
 )
 def test_bad_options_are_refused_before_anything_loads(tmp_path, capsys, args, message):

@@ -158,6 +158,19 @@ def test_a_colour_cast_scales_each_channel_of_an_image_by_its_own_factor():
     assert np.all(np.ptp(first, axis=1) > 1e-3)  # a cast: the channels apart, not a brightness
 
 
+def test_a_change_of_aspect_stretches_the_width_alone_by_a_factor_within_its_reach():
+    cols, rows = np.meshgrid(np.arange(16.0), np.arange(16.0))
+    ramps = np.stack([10 + 10 * cols, 10 + 10 * rows, np.full_like(cols, 100)], axis=-1)
+    images = np.broadcast_to(ramps, (32, 16, 16, 3)).astype(np.uint8)
+    only = augment.Strengths(0, 0, 0, 0, 0, 0, aspect=0.25)
+    out = np.asarray(augment.augment(jax.random.key(3), images, only), np.float64)
+    np.testing.assert_allclose(out[..., 1:], images[..., 1:], atol=1e-3)  # the height kept
+    widths = (out[:, :, 8, 0] - out[:, :, 7, 0]) / 10  # the column ramp's slope at the centre
+    np.testing.assert_allclose(widths, widths[:, :1].repeat(16, axis=1), atol=1e-4)
+    assert np.all((widths[:, 0] > 0.75 - 1e-4) & (widths[:, 0] < 1.25 + 1e-4))
+    assert widths[:, 0].min() < 0.85 and widths[:, 0].max() > 1.15  # both ways, over the reach
+
+
 def test_the_default_augmentation_draws_what_it_drew_before_blur_and_noise_existed():
     # Printed by cnn_jax/augment.py of af7579d for these images and key: a run saved then
     # resumes with the same changes.
