@@ -31,9 +31,7 @@ Config = functools.partial(_Config, platform="cpu")
 CFG = Config(epochs=2, synthetic_per_class=20, devices=1, eval_every_epoch=True)
 
 
-# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
-# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
-pytestmark = pytest.mark.xdist_group("checkpoint")
+pytestmark = pytest.mark.xdist_group("checkpoint")  # module fixtures set up once (pyproject.toml)
 
 
 @pytest.fixture(scope="module")

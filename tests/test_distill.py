@@ -20,9 +20,7 @@ from cnn_jax.train import fit
 _SMALL = ["--synthetic-per-class", "6", "--platform", "cpu", "--quiet"]
 
 
-# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
-# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
-pytestmark = pytest.mark.xdist_group("distill")
+pytestmark = pytest.mark.xdist_group("distill")  # module fixtures set up once (pyproject.toml)
 
 
 @pytest.fixture(scope="module")

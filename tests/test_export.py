@@ -23,9 +23,7 @@ def _run(tmp_path_factory, tiny, name, **settings):
     return workdir
 
 
-# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
-# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
-pytestmark = pytest.mark.xdist_group("export")
+pytestmark = pytest.mark.xdist_group("export")  # module fixtures set up once (pyproject.toml)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from conftest import write_image
 
-# Its module fixtures train or write for seconds: one pytest-xdist worker takes the
-# whole module (`--dist loadgroup`), so they are set up once, not once per worker.
-pytestmark = pytest.mark.xdist_group("interrupt")
+pytestmark = pytest.mark.xdist_group("interrupt")  # module fixtures set up once (pyproject.toml)
 
 
 @pytest.fixture(scope="module")

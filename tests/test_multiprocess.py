@@ -13,8 +13,7 @@ import pytest
 
 from cnn_jax.cli.launch import free_port
 
-# One pytest-xdist worker takes the module, so its module fixtures run once (test_checkpoint.py).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]  # see pyproject.toml
 
 RUN = ["train", "--epochs", "2", "--synthetic-per-class", "10", "--platform", "cpu",
        "--save-every", "4", "--quiet"]  # fmt: skip
