@@ -5,7 +5,8 @@ brightness and contrast change and, when asked for, a change of aspect, an elast
 distortion, a gamma change, a colour cast, blur, pixel noise and an erased rectangle, drawn
 from a key the step derives from the run's seed and the global step, so a resumed run draws
 the same changes.
-No mirror flips: a left-turn sign mirrored is a right-turn sign, another class.
+No mirror flips here: a left-turn sign mirrored is a right-turn sign, another class
+(`--aug-flip`, mirror.py, mirrors the signs whose mirror image is a sign, with their labels).
 
 The resampling is `jax.scipy.ndimage.map_coordinates` (bilinear, edges repeated), one channel
 at a time: dm-pix's `affine_transform` gives the same values (to 3e-5 of 255) but interpolates

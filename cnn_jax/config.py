@@ -145,6 +145,14 @@ class Strengths:
         low=0,
         below=1,
     )
+    flip: float = setting(
+        0.0,
+        "chance that a training image of a GTSRB sign whose mirror image is a sign (yield, a "
+        "curve left, the 30 km/h limit up-down) is mirrored and takes the mirror's class "
+        "(0: none; GTSRB's 43 classes only)",
+        low=0,
+        high=1,
+    )
     elastic: float = setting(
         0.0,
         "largest elastic distortion: every pixel moved by a smooth random field whose spread "

@@ -19,6 +19,7 @@ from flax import nnx
 from cnn_jax import augment as augment_lib
 from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
+from cnn_jax import mirror as mirror_lib
 from cnn_jax.config import Config
 from cnn_jax.models import create_model
 from cnn_jax.optim import create_optimizer
@@ -211,11 +212,22 @@ class Trainer:
             return for_each_member(self.platform, step, state, seed)
         return self._member_step(state, x, y, weights, seed, targets)
 
+    def _augmented(self, key, x, y, targets):
+        """The batch changed at random: first mirrored (`--aug-flip`, which may change a label
+        and so the teacher's probabilities), then the rest of `augment`."""
+        if self.augment.flip:
+            probs = targets if self.teacher is None else None  # with a teacher: its weights
+            x, y, probs = mirror_lib.mirror(
+                jax.random.fold_in(key, mirror_lib.MIRROR_TAG), x, y, self.augment.flip, probs
+            )
+            targets = targets if self.teacher is not None else probs
+        return augment_lib.augment(key, x, self.augment), y, targets
+
     def _member_step(self, state, x, y, weights, seed, targets=None):
         """One network's update on a batch; `seed` draws its dropout and augmentation. `targets`:
         a teacher's probabilities for the batch, or with `teacher` its weights."""
         if self.augment is not None:
-            x = augment_lib.augment(step_key(seed, "augment", state.step), x, self.augment)
+            x, y, targets = self._augmented(step_key(seed, "augment", state.step), x, y, targets)
         if self.teacher is not None:  # `targets` holds its weights: it sees what the student does
             targets = self.teacher.mean_probabilities(targets, x)
         key = dropout_key(seed, state.step)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
-from cnn_jax import backend, distributed, files, parallel
+from cnn_jax import backend, distributed, files, mirror, parallel
 from cnn_jax import callbacks as cb
 from cnn_jax import data as data_lib
 from cnn_jax.callbacks import (
@@ -341,6 +341,11 @@ def _num_classes(config: Config, dataset: data_lib.Dataset) -> int:
         raise UserError(
             f"the data has class ids up to {dataset.num_classes - 1}, more than "
             f"--num-classes {num_classes}"
+        )
+    if config.augment and config.strengths.flip and num_classes != mirror.GTSRB_CLASSES:
+        raise UserError(
+            f"--aug-flip knows GTSRB's {mirror.GTSRB_CLASSES} classes only; this run has "
+            f"{num_classes}"
         )
     return num_classes
 
