@@ -216,11 +216,11 @@ class Trainer:
         """The batch changed at random: first mirrored (`--aug-flip`, which may change a label
         and so the teacher's probabilities), then the rest of `augment`."""
         if self.augment.flip:
-            probs = targets if self.teacher is None else None  # with a teacher: its weights
-            x, y, probs = mirror_lib.mirror(
-                jax.random.fold_in(key, mirror_lib.MIRROR_TAG), x, y, self.augment.flip, probs
-            )
-            targets = targets if self.teacher is not None else probs
+            mirror_key = jax.random.fold_in(key, mirror_lib.MIRROR_TAG)
+            if self.teacher is None:
+                x, y, targets = mirror_lib.mirror(mirror_key, x, y, self.augment.flip, targets)
+            else:  # `targets` holds the teacher's weights; it grades the mirrored batch itself
+                x, y, _ = mirror_lib.mirror(mirror_key, x, y, self.augment.flip)
         return augment_lib.augment(key, x, self.augment), y, targets
 
     def _member_step(self, state, x, y, weights, seed, targets=None):
