@@ -134,10 +134,12 @@ SPLIT_CPU_MODELS = (3,)
 SMALLEST_SHARE = 16  # images per device, at least
 
 
-def cpu_devices_for(model: int, batch_size: int, cores: int) -> int:
+def cpu_devices_for(model: int, batch_size: int, cores: int, onednn: bool = False) -> int:
     """How many JAX CPU devices a training run of `model` gets by default: one per core for
-    Model 3, at most one per 16 images of the batch and a count that divides it; else one."""
-    if model not in SPLIT_CPU_MODELS:
+    Model 3, at most one per 16 images of the batch and a count that divides it; else one.
+    One with oneDNN's convolutions, which spread over every core themselves: on two devices
+    the recipe's step at 30x30 took 3.2x as long (BENCHMARKS.md)."""
+    if model not in SPLIT_CPU_MODELS or onednn:
         return 1
     return _per_core(batch_size, cores)
 
@@ -147,12 +149,12 @@ def _per_core(batch_size: int, cores: int) -> int:
     return max(n for n in range(1, most + 1) if batch_size % n == 0)
 
 
-def split_cpu(model: int, batch_size: int) -> int:
+def split_cpu(model: int, batch_size: int, onednn: bool = False) -> int:
     """Before JAX starts: gives it `cpu_devices_for` CPU devices, which a run on the CPU with
     no --devices then trains over. JAX_NUM_CPU_DEVICES, when set, decides instead, and a JAX
     that has already started (a caller in the same process) keeps its devices. Returns the
     count set, or 0."""
-    return _give_cpu_devices(cpu_devices_for(model, batch_size, _cores()))
+    return _give_cpu_devices(cpu_devices_for(model, batch_size, _cores(), onednn))
 
 
 # Classifying 256 images at a time on a 2-core CPU, two devices against one: Model 1 2.5x,

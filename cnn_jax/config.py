@@ -22,7 +22,7 @@ SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
 SCHEDULES = ("constant", "cosine")
 RECIPES = ("strong",)
-CONVS = ("auto", "lax", "matmul")
+CONVS = ("auto", "lax", "matmul", "onednn")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("default", "high", "highest")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -309,7 +309,8 @@ class Config:
     )
     conv: str = setting(
         "auto",
-        "convolution formulation, same values: auto is matmul on CPU, lax elsewhere",
+        "convolution formulation, same values up to rounding: auto is onednn for model 3 on "
+        "CPU where the onednn extra is installed, matmul for the rest on CPU, lax elsewhere",
         choices=CONVS,
     )
     dtype: str = setting(
@@ -328,7 +329,8 @@ class Config:
     devices: int | None = setting(
         None,
         "data-parallel over N devices of the platform; none: all (on CPU, Model 3 gets one "
-        "device per core, the others one: backend.split_cpu)",
+        "device per core, or one with oneDNN's convolutions, the others one: "
+        "backend.split_cpu)",
         low=1,
     )
     steps_per_call: int | str = setting(

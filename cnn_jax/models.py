@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cnn_jax import ops
+from cnn_jax import onednn, ops
 from cnn_jax.config import MIN_IMAGE_SIZE
 from cnn_jax.errors import UserError
 from cnn_jax.stn import SpatialTransformer
@@ -236,6 +236,26 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 MODELS: dict[int, Callable[..., nnx.Module]] = {1: Model1, 2: Model2, 3: Model3}
 
 
+def trains_with_onednn(model: int, conv: str, dtype: str) -> bool:
+    """Whether a run on the CPU computes its convolutions with oneDNN: asked to, or Model 3 at
+    'auto' in float32 (all they take) where the onednn extra is installed."""
+    auto = model == 3 and conv == "auto" and dtype == "float32"
+    return conv == "onednn" or auto and onednn.available()
+
+
+def _model3_convs(conv: str, dtype: str, platform: str | None) -> tuple[str, Any]:
+    """Model 3's 'auto': on CPU oneDNN's convolutions (`trains_with_onednn`), else XLA's own
+    for its "same" layers and the matmul form for the first (3 input channels), where XLA's
+    forward and gradients took 4.7x as long."""
+    if conv != "auto":
+        return conv, None
+    if (platform or jax.default_backend()) != "cpu":
+        return "lax", None
+    if trains_with_onednn(3, conv, dtype):
+        return "onednn", None
+    return "lax", ops.resolve_conv("auto", platform)
+
+
 def create_model(
     model: int,
     image_size: int = 30,
@@ -257,12 +277,7 @@ def create_model(
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    first = None
-    if model == 3 and conv == "auto":
-        # Model 3 on CPU: XLA's own convolution for its "same" layers, the matmul form for the
-        # first (3 input channels), where XLA's forward and gradients took 4.7x as long.
-        conv = "lax"
-        first = ops.resolve_conv("auto", platform)
+    conv, first = _model3_convs(conv, dtype, platform) if model == 3 else (conv, None)
     conv_fn = ops.resolve_conv(conv, platform, looped)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul,
                      first_conv=first)  # fmt: skip

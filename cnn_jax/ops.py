@@ -13,7 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from cnn_jax import onednn
 from cnn_jax.config import CONVS
+from cnn_jax.errors import UserError
 
 
 def conv3x3_matmul(inputs, kernel, window_strides=None, padding=None, **unused):
@@ -82,6 +84,11 @@ def resolve_conv(conv: str, platform: str | None = None, looped: bool = False):
         conv = "matmul" if cpu else "lax"
     if conv == "matmul":
         return conv3x3_matmul
+    if conv == "onednn":
+        if not cpu:
+            raise UserError("--conv onednn is for the CPU: leave --conv at auto on an accelerator")
+        onednn.load()  # here, where a missing extra is the user's to fix, not in a trace
+        return onednn.conv_general_dilated
     return conv_for_loops if looped and cpu else lax.conv_general_dilated
 
 

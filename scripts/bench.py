@@ -45,7 +45,7 @@ import numpy as np
 import keras_ref  # noqa: F401  (pins Keras' TensorFlow backend first)
 from cnn_jax import backend
 from cnn_jax import data as data_lib
-from cnn_jax.config import Config, Strengths, with_recipe
+from cnn_jax.config import CONVS, Config, Strengths, with_recipe
 from cnn_jax.data.synthetic import make_synthetic
 from cnn_jax.steps import create_trainer
 from cnn_jax.train import train_epoch
@@ -54,7 +54,7 @@ from keras_ref.train import StepTimer
 
 
 def bench_recipe(data, steps, rounds, batch, members=(1, 2, 3, 4), devices=1,
-                 malloc_default=False):  # fmt: skip
+                 malloc_default=False, conv="auto"):  # fmt: skip
     """Each side in a process of its own, the two alternating `rounds` times: in one process,
     TensorFlow's threads slowed JAX's step by a tenth or more (BENCHMARKS.md)."""
     rows, keras_ms = [], {}
@@ -64,7 +64,8 @@ def bench_recipe(data, steps, rounds, batch, members=(1, 2, 3, 4), devices=1,
             time_keras = augment not in keras_ms  # Keras' figure is one network's: once
             keras_ms.setdefault(augment, [])
             for _ in range(rounds):
-                ms += _side_round("jax", data, steps, k, augment, devices, malloc_default, batch)
+                ms += _side_round("jax", data, steps, k, augment, devices, malloc_default, batch,
+                                  conv)  # fmt: skip
                 if time_keras:
                     keras_ms[augment] += _side_round("keras", data, steps, 1, augment, devices,
                                                      malloc_default, batch)  # fmt: skip
@@ -82,26 +83,28 @@ def bench_recipe(data, steps, rounds, batch, members=(1, 2, 3, 4), devices=1,
     return rows
 
 
-def _side_round(side, data, steps, members, augment, devices, malloc_default, batch):
+def _side_round(side, data, steps, members, augment, devices, malloc_default, batch,
+                conv="auto"):  # fmt: skip
     """One side's timed steps after a warm-up round, from a fresh process (`--side`)."""
     command = [sys.executable, __file__, *([data] if data else []), "--recipe", "--side", side]
     command += ["--members", str(members), "--steps", str(steps), "--cpu-devices", str(devices)]
     command += ["--augment"] * augment + ["--malloc-default"] * malloc_default
-    command += ["--batch-size", str(batch)]
+    command += ["--batch-size", str(batch), "--conv", conv]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"bench.py --side {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def recipe_side(side, ds, train_idx, steps, members, augment, devices, batch) -> list[float]:
+def recipe_side(side, ds, train_idx, steps, members, augment, devices, batch,
+                conv="auto") -> list[float]:  # fmt: skip
     """ms per step of one timed round of `side` ('jax' or 'keras'), after a warm-up round."""
     if side == "keras":
         fit = _keras_recipe(ds, train_idx, steps, augment, batch)
         fit()
         return fit()[1:]  # a fit's first batch sets it up
     cfg = with_recipe("strong", model=3, ensemble=members, augment=augment, devices=devices,
-                      platform="cpu", batch_size=batch)  # fmt: skip
+                      platform="cpu", batch_size=batch, conv=conv)  # fmt: skip
     trainer, state = create_trainer(cfg, 43, steps)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     order = np.arange(steps * cfg.batch_size)
@@ -158,9 +161,9 @@ def tf_standardize(x):
 
 
 def bench_training(model, ds, train_idx, steps, rounds, dtype="float32", steps_per_call=1,
-                   devices=1):  # fmt: skip
+                   devices=1, conv="auto"):  # fmt: skip
     cfg = Config(model=model, dtype=dtype, steps_per_call=steps_per_call, devices=devices,
-                 platform="cpu")  # fmt: skip
+                 platform="cpu", conv=conv)  # fmt: skip
     trainer, state = create_trainer(cfg, 43)
     images, labels = trainer.place((ds.images[train_idx], ds.labels[train_idx]))
     net = create_model(model)
@@ -300,6 +303,8 @@ def main() -> None:
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="JAX's CPU devices for the training and inference rows (none: JAX's "
                    "own; cnn-jax train gives Model 3 one per core)")  # fmt: skip
+    p.add_argument("--conv", choices=CONVS, default="auto",
+                   help="JAX's convolutions (cnn-jax train's --conv)")  # fmt: skip
     p.add_argument("--load-only", action="store_true", help="only the data loading")
     # --recipe's own: one side's round in a process of its own (bench_recipe runs them)
     p.add_argument("--side", choices=("jax", "keras"), help=argparse.SUPPRESS)
@@ -335,13 +340,13 @@ def main() -> None:
         ds = data_lib.load_folder(root, image_size=32) if root else make_synthetic(20, 32)
         train_idx = np.resize(np.arange(len(ds.labels)), args.steps * batch)
         ms = recipe_side(args.side, ds, train_idx, args.steps, args.members[0], args.augment,
-                         devices, batch)  # fmt: skip
+                         devices, batch, args.conv)  # fmt: skip
         print(json.dumps(ms))
         return
     if args.recipe:
         print(json.dumps({**machine(), "jax_keep_freed_memory": _keeps_freed_memory(args)}))
         bench_recipe(args.data, args.steps, args.rounds, batch, args.members, devices,
-                     args.malloc_default)  # fmt: skip
+                     args.malloc_default, args.conv)  # fmt: skip
         return
     if args.quick:
         args.steps, args.rounds = 5, 1
@@ -359,7 +364,7 @@ def main() -> None:
     for model in args.models:
         for dtype, per_call in variants if not args.quick else variants[:1]:
             jax_ms, keras_ms, trainer, state, net = bench_training(
-                model, ds, train_idx, args.steps, args.rounds, dtype, per_call, devices
+                model, ds, train_idx, args.steps, args.rounds, dtype, per_call, devices, args.conv
             )
             row = {
                 "model": model,

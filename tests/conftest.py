@@ -45,6 +45,12 @@ for _name, _value in _CACHE_SETTINGS.items():
     jax.config.update(_name, _value)
     os.environ[_name.upper()] = str(_value)
 
+# Built once a session into a temporary folder (cnn_jax/onednn.py builds into the user's cache).
+if "CNN_JAX_TESTS_CACHE_HOME" not in os.environ:
+    os.environ["CNN_JAX_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="cnn-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["CNN_JAX_TESTS_CACHE_HOME"], ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.environ["CNN_JAX_TESTS_CACHE_HOME"]
+
 REAL_DATA = ROOT.parent / "shared" / "data" / "gtsrb"
 
 

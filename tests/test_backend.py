@@ -67,6 +67,7 @@ def test_unknown_platform_is_an_error():
 )
 def test_cpu_devices_for_training(model, batch, cores, expected):
     assert backend.cpu_devices_for(model, batch, cores) == expected
+    assert backend.cpu_devices_for(model, batch, cores, onednn=True) == 1  # it spreads itself
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (6, 4), (64, 16)])

@@ -37,11 +37,13 @@ def command(args) -> int:
     # Nothing is open or written until the data loads: a signal before that ends it there.
     with signals.ending_at_once():
         from cnn_jax.callbacks import DIVERGED_EXIT, Diverged
+        from cnn_jax.models import trains_with_onednn
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
         cfg, kept = _config(args)
         if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
-            backend.split_cpu(cfg.model, cfg.batch_size)  # before JAX starts
+            fast = trains_with_onednn(cfg.model, cfg.conv, cfg.dtype)
+            backend.split_cpu(cfg.model, cfg.batch_size, fast)  # before JAX starts
         _join(args)  # before anything touches the backend
         backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
     verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
@@ -138,6 +140,7 @@ def _config(args) -> tuple[Config, dict]:
     kept = _recipe_as_saved(recipe, given, args)
     cfg = config_lib.with_recipe(recipe, **kept, **given)
     _refuse_no_effect(given, cfg)
+    _refuse_conv(cfg)
     # Config allows 0 epochs (an imported Keras model has trained none here); a run needs one.
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {cfg.epochs}")
@@ -198,6 +201,21 @@ def _refuse_no_effect(given: dict, cfg: Config) -> None:
     for applies, why in checks:
         if applies:
             raise UserError(why)
+
+
+def _refuse_conv(cfg: Config) -> None:
+    """`--conv onednn` where it cannot run, refused before the data loads."""
+    if cfg.conv != "onednn":
+        return
+    from cnn_jax import onednn
+
+    reason = onednn.missing()
+    if reason is None and cfg.platform not in (None, "cpu"):
+        reason = f"it is for the CPU, not --platform {cfg.platform}; leave --conv at auto there"
+    if reason is None and cfg.dtype != "float32":
+        reason = f"it computes in float32 only: drop --dtype {cfg.dtype} or --conv onednn"
+    if reason is not None:
+        raise UserError(f"--conv onednn: {reason}")
 
 
 class _StopOnSignal:
