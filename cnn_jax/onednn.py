@@ -33,12 +33,16 @@ TARGETS = {"forward": "CnnConvForward", "input": "CnnConvInputGrad", "kernel": "
 INSTALL = "pip install 'cnn-jax[onednn]'"
 
 
-def _located(dist: str, name: str) -> Path | None:
+# The files the build needs, by the end of their paths in the wheels.
+LIBRARY, HEADER = "libdnnl.so", "oneapi/dnnl/dnnl.hpp"
+
+
+def _located(dist: str, suffix: str) -> Path | None:
     try:
         files = importlib.metadata.distribution(dist).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    found = [f for f in files if f.name == name]
+    found = [f for f in files if f"/{f.as_posix()}".endswith(f"/{suffix}")]
     return Path(found[0].locate()).resolve() if found else None
 
 
@@ -48,7 +52,7 @@ def _compiler() -> str | None:
 
 def missing() -> str | None:
     """Why oneDNN's convolutions cannot be built here, or None when they can."""
-    if _located(LIBRARY_DIST, "libdnnl.so") is None or _located(HEADERS_DIST, "dnnl.hpp") is None:
+    if _located(LIBRARY_DIST, LIBRARY) is None or _located(HEADERS_DIST, HEADER) is None:
         return f"the oneDNN wheels are not installed ({INSTALL})"
     if _compiler() is None:
         return "no C++ compiler found (set CXX, or install g++)"
@@ -66,8 +70,8 @@ def _build_dir() -> Path:
 
 def _build() -> Path:
     """Compiles onednn_conv.cc (once: the file's name holds what it was built from)."""
-    lib = _located(LIBRARY_DIST, "libdnnl.so").parent
-    include = _located(HEADERS_DIST, "dnnl.hpp").parent
+    lib = _located(LIBRARY_DIST, LIBRARY).parent
+    include = _located(HEADERS_DIST, HEADER).parents[2]  # above oneapi/dnnl/
     command = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE),
                f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib}", "-ldnnl",
                f"-Wl,-rpath,{lib}"]  # fmt: skip
@@ -75,19 +79,33 @@ def _build() -> Path:
               importlib.metadata.version(LIBRARY_DIST).encode()]  # fmt: skip
     digest = hashlib.sha256(b"\0".join(inputs)).hexdigest()[:16]
     out = _build_dir() / f"cnn_onednn_{digest}.so"
-    if out.exists():
-        return out
+    if not out.exists():
+        try:
+            _compile(command, out)
+        except OSError as e:
+            raise UserError(f"could not build oneDNN's convolutions in {out.parent}: {e}") from e
+    return out
+
+
+def _compile(command: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: processes building at once each get a whole file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    done = subprocess.run(command + ["-o", partial], capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(partial)
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"could not compile oneDNN's convolutions ({' '.join(command)}): {last}")
-    os.replace(partial, out)
-    return out
+    try:
+        done = subprocess.run(command + ["-o", partial], capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(partial, out)
+            return
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    lines = done.stderr.strip().splitlines() or ["(no output)"]
+    first = next((line for line in lines if "error" in line), lines[-1])
+    raise UserError(
+        f"could not compile oneDNN's convolutions with {command[0]}: {first} (--conv lax trains "
+        "without them)"
+    )
 
 
 @functools.cache
@@ -97,7 +115,11 @@ def load() -> None:
     reason = missing()
     if reason is not None:
         raise UserError(f"--conv onednn: {reason}")
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    path = _build()
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        raise UserError(f"could not load oneDNN's convolutions ({path}): {e}") from e
     for symbol in TARGETS.values():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(symbol, capsule, platform="cpu")

@@ -5,12 +5,14 @@
 // library under TensorFlow's), and Model 3's step is mostly convolutions (BENCHMARKS.md).
 // The images stay NHWC, XLA's layout, so only the kernels are reordered into the layout that
 // oneDNN picks for the shape (small: at most 128 x 128 x 3 x 3 floats).
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -20,6 +22,7 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 using F32x4 = ffi::Buffer<ffi::F32, 4>;
 using OutF32x4 = ffi::ResultBuffer<ffi::F32, 4>;
+using Args = std::unordered_map<int, memory>;
 
 namespace {
 
@@ -31,8 +34,16 @@ dnnl::engine& Engine() {
 // Images, height, width, input and output channels, kernel height and width, padding.
 using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
-dnnl::reorder Reorder(const memory::desc& from, const memory::desc& to) {
-  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+// Every primitive takes its scratch memory from the caller: the library's own is kept per
+// thread, and XLA runs a primitive from threads other than the one that built it.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::reorder::primitive_desc Reorder(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, UserScratchpad());
 }
 
 // The three primitives of one shape, and the kernel reorders each needs (none where oneDNN
@@ -46,6 +57,7 @@ struct Conv {
   dnnl::convolution_backward_data data;
   dnnl::convolution_backward_weights weights;
   dnnl::reorder to_fwd, to_data, from_weights;
+  memory scratch;  // for all of them: they run one at a time (Guarded)
 
   explicit Conv(const Shape& s) {
     auto [n, h, w, ci, co, kh, kw, pad] = s;
@@ -57,19 +69,45 @@ struct Conv {
     memory::desc any({co, ci, kh, kw}, f32, Tag::any);
     memory::dims one = {1, 1}, p = {pad, pad};
     auto direct = dnnl::algorithm::convolution_direct;
+    auto attr = UserScratchpad();
     fwd_pd = dnnl::convolution_forward::primitive_desc(
-        Engine(), dnnl::prop_kind::forward_training, direct, src, any, dst, one, p, p);
+        Engine(), dnnl::prop_kind::forward_training, direct, src, any, dst, one, p, p, attr);
     data_pd = dnnl::convolution_backward_data::primitive_desc(Engine(), direct, src, any, dst,
-                                                              one, p, p, fwd_pd);
-    weights_pd = dnnl::convolution_backward_weights::primitive_desc(Engine(), direct, src, any,
-                                                                    dst, one, p, p, fwd_pd);
+                                                              one, p, p, fwd_pd, attr);
+    weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), direct, src, any, dst, one, p, p, fwd_pd, attr);
     fwd = dnnl::convolution_forward(fwd_pd);
     data = dnnl::convolution_backward_data(data_pd);
     weights = dnnl::convolution_backward_weights(weights_pd);
-    if (fwd_pd.weights_desc() != kernel) to_fwd = Reorder(kernel, fwd_pd.weights_desc());
-    if (data_pd.weights_desc() != kernel) to_data = Reorder(kernel, data_pd.weights_desc());
-    if (weights_pd.diff_weights_desc() != kernel)
-      from_weights = Reorder(weights_pd.diff_weights_desc(), kernel);
+    size_t most = std::max({fwd_pd.scratchpad_desc().get_size(),
+                            data_pd.scratchpad_desc().get_size(),
+                            weights_pd.scratchpad_desc().get_size()});
+    auto reorder = [&](dnnl::reorder& r, const memory::desc& from, const memory::desc& to) {
+      if (from == to) return;  // none needed
+      auto pd = Reorder(from, to);
+      most = std::max(most, pd.scratchpad_desc().get_size());
+      r = dnnl::reorder(pd);
+    };
+    reorder(to_fwd, kernel, fwd_pd.weights_desc());
+    reorder(to_data, kernel, data_pd.weights_desc());
+    reorder(from_weights, weights_pd.diff_weights_desc(), kernel);
+    memory::dims bytes = {static_cast<memory::dim>(std::max<size_t>(most, 1))};
+    scratch = memory(memory::desc(bytes, memory::data_type::u8, Tag::x), Engine());
+  }
+
+  void Run(dnnl::stream& s, const dnnl::primitive& p, Args args) {
+    args.insert({DNNL_ARG_SCRATCHPAD, scratch});
+    p.execute(s, args);
+  }
+
+  // The kernel in the layout `want`: the caller's buffer itself, or a reordered copy.
+  memory KernelAs(dnnl::stream& s, const dnnl::reorder& r, const memory::desc& want,
+                  void* data) {
+    memory given(kernel, Engine(), data);
+    if (!r) return given;
+    memory copy(want, Engine());
+    Run(s, r, {{DNNL_ARG_FROM, given}, {DNNL_ARG_TO, copy}});
+    return copy;
   }
 };
 
@@ -85,31 +123,23 @@ Conv& Cached(const Shape& s) {
 
 memory Wrap(const memory::desc& d, void* data) { return memory(d, Engine(), data); }
 
-// The kernel in the layout `want`: the caller's buffer itself, or a reordered copy.
-memory KernelAs(dnnl::stream& s, const dnnl::reorder& r, const memory::desc& want,
-                const memory::desc& hwio, void* data) {
-  memory given = Wrap(hwio, data);
-  if (!r) return given;
-  memory copy(want, Engine());
-  r.execute(s, given, copy);
-  return copy;
-}
-
-// A C++ exception must not cross into XLA (it would abort the process): it becomes an error
-// that JAX raises in Python.
-//
 // One convolution at a time in the process: each spreads over every core itself, and teams of
 // OpenMP threads started from several devices' threads at once oversubscribe the cores (and
 // hung a run of 8 CPU devices).
+std::mutex one_at_a_time;
+
+// A C++ exception must not cross into XLA (it would abort the process): it becomes an error
+// that JAX raises in Python.
 template <typename Body>
 ffi::Error Guarded(Body body) {
-  static std::mutex one_at_a_time;
   try {
     std::lock_guard<std::mutex> lock(one_at_a_time);
     body();
     return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("oneDNN convolution: an unknown C++ exception");
   }
 }
 
@@ -119,10 +149,10 @@ ffi::Error Forward(F32x4 x, F32x4 kernel, OutF32x4 y, int64_t pad) {
     auto k = kernel.dimensions();
     Conv& c = Cached({d[0], d[1], d[2], d[3], k[3], k[0], k[1], pad});
     dnnl::stream s(Engine());
-    memory w = KernelAs(s, c.to_fwd, c.fwd_pd.weights_desc(), c.kernel, kernel.untyped_data());
-    c.fwd.execute(s, {{DNNL_ARG_SRC, Wrap(c.src, x.untyped_data())},
-                      {DNNL_ARG_WEIGHTS, w},
-                      {DNNL_ARG_DST, Wrap(c.dst, y->untyped_data())}});
+    memory w = c.KernelAs(s, c.to_fwd, c.fwd_pd.weights_desc(), kernel.untyped_data());
+    c.Run(s, c.fwd, {{DNNL_ARG_SRC, Wrap(c.src, x.untyped_data())},
+                     {DNNL_ARG_WEIGHTS, w},
+                     {DNNL_ARG_DST, Wrap(c.dst, y->untyped_data())}});
     s.wait();
   });
 }
@@ -134,10 +164,10 @@ ffi::Error InputGrad(F32x4 dy, F32x4 kernel, OutF32x4 dx, int64_t pad) {
     auto k = kernel.dimensions();
     Conv& c = Cached({d[0], d[1], d[2], d[3], k[3], k[0], k[1], pad});
     dnnl::stream s(Engine());
-    memory w = KernelAs(s, c.to_data, c.data_pd.weights_desc(), c.kernel, kernel.untyped_data());
-    c.data.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.untyped_data())},
-                       {DNNL_ARG_WEIGHTS, w},
-                       {DNNL_ARG_DIFF_SRC, Wrap(c.src, dx->untyped_data())}});
+    memory w = c.KernelAs(s, c.to_data, c.data_pd.weights_desc(), kernel.untyped_data());
+    c.Run(s, c.data, {{DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.untyped_data())},
+                      {DNNL_ARG_WEIGHTS, w},
+                      {DNNL_ARG_DIFF_SRC, Wrap(c.src, dx->untyped_data())}});
     s.wait();
   });
 }
@@ -150,10 +180,10 @@ ffi::Error KernelGrad(F32x4 x, F32x4 dy, OutF32x4 dk, int64_t pad) {
     dnnl::stream s(Engine());
     memory hwio = Wrap(c.kernel, dk->untyped_data());
     memory out = c.from_weights ? memory(c.weights_pd.diff_weights_desc(), Engine()) : hwio;
-    c.weights.execute(s, {{DNNL_ARG_SRC, Wrap(c.src, x.untyped_data())},
-                          {DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.untyped_data())},
-                          {DNNL_ARG_DIFF_WEIGHTS, out}});
-    if (c.from_weights) c.from_weights.execute(s, out, hwio);
+    c.Run(s, c.weights, {{DNNL_ARG_SRC, Wrap(c.src, x.untyped_data())},
+                         {DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.untyped_data())},
+                         {DNNL_ARG_DIFF_WEIGHTS, out}});
+    if (c.from_weights) c.Run(s, c.from_weights, {{DNNL_ARG_FROM, out}, {DNNL_ARG_TO, hwio}});
     s.wait();
   });
 }

@@ -21,7 +21,8 @@ from cnn_jax import backend, parallel
 from cnn_jax import data as data_lib
 from cnn_jax import mirror as mirror_lib
 from cnn_jax.config import Config
-from cnn_jax.models import create_model
+from cnn_jax.errors import UserError
+from cnn_jax.models import create_model, trains_with_onednn
 from cnn_jax.optim import create_optimizer
 from cnn_jax.predictor import TRACE_COUNTS, Predictor, batch_of, compile_fn, for_each_member
 
@@ -124,6 +125,7 @@ class Trainer:
     # its weights come in the targets' place (distill.py)
     teacher: Predictor | None = None
     ema: float = 0.0  # --ema: the decay of the weights' moving average; 0: none
+    onednn: bool = False  # its convolutions are oneDNN's: an ensemble's members in turn
 
     @property
     def platform(self) -> str:
@@ -209,7 +211,7 @@ class Trainer:
             (targets,) = self.predictor.shard(targets[idx])
         if self.members:  # every member on the same batch, each from its own seed
             step = lambda s, k: self._member_step(s, x, y, weights, k, targets)  # noqa: E731
-            return for_each_member(self.platform, step, state, seed)
+            return for_each_member(self.platform, step, state, seed, in_turn=self.onednn)
         return self._member_step(state, x, y, weights, seed, targets)
 
     def _augmented(self, key, x, y, targets):
@@ -273,15 +275,23 @@ def _network(config: Config, num_classes: int):
             platform=platform,
             stn=config.stn,
             looped=looped,
+            one_device=mesh.size == 1,
         )
 
     return platform, mesh, build
 
 
+def _onednn(config: Config, mesh) -> bool:
+    """Whether the training step's convolutions are oneDNN's (models._model3_convs)."""
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    return cpu and mesh.size == 1 and trains_with_onednn(config.model, config.conv, config.dtype)
+
+
 def _inference_conv(config: Config) -> str:
     # With 'auto', inference uses XLA's own convolution: on CPU its forward pass beat the
     # matmul form (11k vs 4-9k images/s, BENCHMARKS.md); only its gradient is slow there.
-    return "lax" if config.conv == "auto" else config.conv
+    # oneDNN's too: a restored network then classifies and exports anywhere, with no FFI call.
+    return "lax" if config.conv in ("auto", "onednn") else config.conv
 
 
 def _initial_weights(config: Config, build, conv: str):
@@ -312,6 +322,7 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
         members=config.ensemble if config.ensemble > 1 else 0,
         deterministic=config.deterministic,
         ema=config.ema,
+        onednn=_onednn(config, mesh),
     )
 
 
@@ -336,6 +347,11 @@ def create_trainer(config: Config, num_classes: int, steps_per_epoch: int = 1):
     `steps_per_epoch` sizes `--steps-per-call auto` (backend.steps_per_call) and the schedule.
     """
     platform, mesh, build = _network(config, num_classes)
+    if config.conv == "onednn" and mesh.size > 1:  # a restored one classifies anywhere
+        raise UserError(
+            f"--conv onednn trains on one device, not {mesh.size} (--devices, "
+            "JAX_NUM_CPU_DEVICES or several processes): give --devices 1, or --conv auto"
+        )
     per_call = backend.steps_per_call(
         config.steps_per_call, platform, steps_per_epoch, config.batch_size
     )

@@ -362,4 +362,5 @@ def _device_record(trainer: Trainer, config: Config) -> dict[str, Any]:
         "steps_per_call": trainer.steps_per_call,
         "precision": config.precision,
         "deterministic": backend.repeats(device.platform, trainer.deterministic),
+        "convolutions": "onednn" if trainer.onednn else "xla",
     }

@@ -2,6 +2,9 @@
 vmap, the choice `--conv auto` makes, reproducible training, and the errors where they cannot
 be built."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +16,16 @@ from cnn_jax import onednn, ops
 from cnn_jax.cli import main
 from cnn_jax.config import Config
 from cnn_jax.errors import UserError
+from cnn_jax.export import export
 from cnn_jax.models import create_model
+from cnn_jax.predictor import for_each_member
 from cnn_jax.steps import create_trainer
-from cnn_jax.train import train_epoch
+from cnn_jax.train import fit, train_epoch
 
+# .ci/run sets it: there a missing extra or compiler fails these tests instead of skipping them.
+REQUIRED = os.environ.get("CNN_JAX_TESTS_NEED_ONEDNN") == "1"
 needs_onednn = pytest.mark.skipif(
-    not onednn.available(), reason=f"oneDNN's convolutions: {onednn.missing()}"
+    not REQUIRED and not onednn.available(), reason=f"oneDNN's convolutions: {onednn.missing()}"
 )
 
 
@@ -129,3 +136,43 @@ def test_a_failed_compile_says_so_in_one_line(tmp_path, monkeypatch):
         onednn._build()
     assert "\n" not in str(caught.value)
     assert list((tmp_path / "cache" / "cnn-jax" / "onednn").iterdir()) == []  # nothing half-built
+
+
+def test_members_in_turn_compute_what_they_compute_side_by_side():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+
+    def fn(a):
+        return jnp.tanh(a @ a.T), a.sum()
+
+    def members(x, in_turn):
+        return for_each_member("cpu", fn, x, in_turn=in_turn)
+
+    side_by_side, in_turn = members(x, False), jax.jit(lambda x: members(x, True))(x)
+    for a, b in zip(side_by_side, in_turn, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # In turn: each member's inputs wait on the one before (two barriers for three members).
+    assert jax.jit(lambda x: members(x, True)).lower(x).as_text().count("optimization_barrier") == 2
+    assert "optimization_barrier" not in jax.jit(lambda x: members(x, False)).lower(x).as_text()
+
+
+@needs_onednn
+def test_auto_trains_with_it_on_one_device_only():
+    def trainer(**settings):
+        return create_trainer(Config(model=3, image_size=16, platform="cpu", **settings), 4)[0]
+
+    assert trainer(devices=1).onednn and not trainer(devices=2).onednn
+    assert not trainer(devices=1, conv="lax").onednn
+    with pytest.raises(UserError, match="--conv onednn trains on one device, not 2"):
+        trainer(devices=2, conv="onednn")
+
+
+@needs_onednn
+def test_a_run_trained_with_it_says_so_and_exports_without_it(tmp_path, tiny):
+    cfg = Config(
+        model=3, epochs=1, synthetic_per_class=10, platform="cpu", devices=1, conv="onednn"
+    )
+    fit(cfg, tiny, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["convolutions"] == "onednn"
+    # The restored network classifies with XLA's convolutions: nothing in the export calls it.
+    export(tmp_path / "run", tmp_path / "model.jax")
+    assert b"CnnConv" not in (tmp_path / "model.jax").read_bytes()

@@ -76,9 +76,6 @@ def _start(args, command: list[str], index: int, port: int) -> subprocess.Popen:
         CNN_JAX_PROCESS_ID=str(index),
         JAX_NUM_CPU_DEVICES=str(args.devices_per_process),
     )
-    # oneDNN's convolutions start a thread per core in each process: share the cores instead.
-    cores = len(os.sched_getaffinity(0))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.num_processes)))
     return subprocess.Popen([sys.executable, "-m", "cnn_jax", *command], env=env)
 
 

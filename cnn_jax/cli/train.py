@@ -37,15 +37,10 @@ def command(args) -> int:
     # Nothing is open or written until the data loads: a signal before that ends it there.
     with signals.ending_at_once():
         from cnn_jax.callbacks import DIVERGED_EXIT, Diverged
-        from cnn_jax.models import trains_with_onednn
         from cnn_jax.train import Interrupted, fit  # imports JAX: keep `cnn-jax --help` fast
 
         cfg, kept = _config(args)
-        if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
-            fast = trains_with_onednn(cfg.model, cfg.conv, cfg.dtype)
-            backend.split_cpu(cfg.model, cfg.batch_size, fast)  # before JAX starts
-        _join(args)  # before anything touches the backend
-        backend.devices(cfg.platform)  # starts JAX; a missing GPU is named before the data loads
+        _start(args, cfg)
     verbose = not args.quiet and distributed.is_main()  # one process speaks for the run
     _say_kept(cfg, kept)
     ds = load_dataset(cfg, args.cache_dir, not args.no_cache, verbose)
@@ -93,6 +88,21 @@ def command(args) -> int:
     if distributed.is_main():
         print(test_line(metrics["test_loss"], metrics["test_accuracy"]))
     return 0
+
+
+def _start(args, cfg: Config) -> None:
+    """Starts JAX as the run needs it: its CPU split, the other processes joined; a missing
+    GPU, or a build of oneDNN's convolutions that fails, is named before the data loads."""
+    from cnn_jax import onednn
+    from cnn_jax.models import trains_with_onednn
+
+    fast = cfg.platform in (None, "cpu") and trains_with_onednn(cfg.model, cfg.conv, cfg.dtype)
+    if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
+        backend.split_cpu(cfg.model, cfg.batch_size, fast)  # before JAX starts
+    _join(args)  # before anything touches the backend
+    devices = backend.devices(cfg.platform)  # starts JAX
+    if fast and devices[0].platform == "cpu":
+        onednn.load()
 
 
 def _reading_notes(cfg: Config, ds: data_lib.Dataset, metrics: dict) -> list[str]:
@@ -212,6 +222,8 @@ def _refuse_conv(cfg: Config) -> None:
     reason = onednn.missing()
     if reason is None and cfg.platform not in (None, "cpu"):
         reason = f"it is for the CPU, not --platform {cfg.platform}; leave --conv at auto there"
+    if reason is None and (cfg.devices or 1) > 1:
+        reason = f"it trains on one device, not --devices {cfg.devices}"
     if reason is None and cfg.dtype != "float32":
         reason = f"it computes in float32 only: drop --dtype {cfg.dtype} or --conv onednn"
     if reason is not None:
