@@ -25,27 +25,19 @@ EVAL_BATCH = 256
 TRACE_COUNTS = collections.Counter()
 
 
-def for_each_member(platform: str, fn, *stacked, in_turn: bool = False):
+def for_each_member(platform: str, fn, *stacked):
     """`fn` over an ensemble's members (the leading axis of `stacked`), results stacked.
 
     A vmap on accelerators, where the members compute side by side; on CPU one member after
     the other, unrolled: vmapped, XLA:CPU's convolution becomes a grouped one (a 2-member
     Model 3 step took 10x one member's), and as a `lax.map` loop over a batch split between
     two CPU devices it took 70x; unrolled, 2.05x. Compiling grows with the members.
-
-    `in_turn`: each member starts once the one before has finished. oneDNN's convolutions
-    take every core, and a member's other work beside them slowed a 2-member step to 2.4-2.8x
-    one member's (2.0-2.3x in turn; BENCHMARKS.md).
     """
-    if platform != "cpu":
-        return jax.vmap(fn)(*stacked)
-    outs = []
-    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-        args = jax.tree.map(lambda a, i=i: a[i], stacked)
-        if in_turn and outs:  # the barrier ties this member's inputs to the last one's outputs
-            args, _ = jax.lax.optimization_barrier((args, outs[-1]))
-        outs.append(fn(*args))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    if platform == "cpu":
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return jax.vmap(fn)(*stacked)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -125,7 +125,7 @@ class Trainer:
     # its weights come in the targets' place (distill.py)
     teacher: Predictor | None = None
     ema: float = 0.0  # --ema: the decay of the weights' moving average; 0: none
-    onednn: bool = False  # its convolutions are oneDNN's: an ensemble's members in turn
+    onednn: bool = False  # its convolutions are oneDNN's (metrics.json says so)
 
     @property
     def platform(self) -> str:
@@ -211,7 +211,7 @@ class Trainer:
             (targets,) = self.predictor.shard(targets[idx])
         if self.members:  # every member on the same batch, each from its own seed
             step = lambda s, k: self._member_step(s, x, y, weights, k, targets)  # noqa: E731
-            return for_each_member(self.platform, step, state, seed, in_turn=self.onednn)
+            return for_each_member(self.platform, step, state, seed)
         return self._member_step(state, x, y, weights, seed, targets)
 
     def _augmented(self, key, x, y, targets):

@@ -18,7 +18,6 @@ from cnn_jax.config import Config
 from cnn_jax.errors import UserError
 from cnn_jax.export import export
 from cnn_jax.models import create_model
-from cnn_jax.predictor import for_each_member
 from cnn_jax.steps import create_trainer
 from cnn_jax.train import fit, train_epoch
 
@@ -136,23 +135,6 @@ def test_a_failed_compile_says_so_in_one_line(tmp_path, monkeypatch):
         onednn._build()
     assert "\n" not in str(caught.value)
     assert list((tmp_path / "cache" / "cnn-jax" / "onednn").iterdir()) == []  # nothing half-built
-
-
-def test_members_in_turn_compute_what_they_compute_side_by_side():
-    x = jax.random.normal(jax.random.key(0), (3, 4, 5))
-
-    def fn(a):
-        return jnp.tanh(a @ a.T), a.sum()
-
-    def members(x, in_turn):
-        return for_each_member("cpu", fn, x, in_turn=in_turn)
-
-    side_by_side, in_turn = members(x, False), jax.jit(lambda x: members(x, True))(x)
-    for a, b in zip(side_by_side, in_turn, strict=True):
-        np.testing.assert_array_equal(a, b)
-    # In turn: each member's inputs wait on the one before (two barriers for three members).
-    assert jax.jit(lambda x: members(x, True)).lower(x).as_text().count("optimization_barrier") == 2
-    assert "optimization_barrier" not in jax.jit(lambda x: members(x, False)).lower(x).as_text()
 
 
 @needs_onednn
