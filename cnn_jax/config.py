@@ -310,7 +310,8 @@ class Config:
     conv: str = setting(
         "auto",
         "convolution formulation, same values up to rounding: auto is onednn for model 3 on "
-        "CPU where the onednn extra is installed, matmul for the rest on CPU, lax elsewhere",
+        "one CPU device in float32 where the onednn extra is installed, matmul for the rest "
+        "on CPU, lax elsewhere",
         choices=CONVS,
     )
     dtype: str = setting(

@@ -240,7 +240,7 @@ def trains_with_onednn(model: int, conv: str, dtype: str) -> bool:
     """Whether a run on the CPU computes its convolutions with oneDNN: asked to, or Model 3 at
     'auto' in float32 (all they take) where the onednn extra is installed."""
     auto = model == 3 and conv == "auto" and dtype == "float32"
-    return conv == "onednn" or auto and onednn.available()
+    return conv == "onednn" or (auto and onednn.available())
 
 
 def _model3_convs(conv: str, dtype: str, platform: str | None, one_device: bool):

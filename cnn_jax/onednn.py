@@ -5,7 +5,7 @@ TensorFlow's CPU kernels, and Model 3's training step is mostly convolutions: wi
 step is faster than Keras' on the same CPU (BENCHMARKS.md). `onednn_conv.cc` holds the three
 operations as XLA FFI handlers; on first use it is compiled against the oneDNN wheels
 (`pip install 'cnn-jax[onednn]'`, which also needs a C++ compiler) into the cache folder, once
-per source, compiler and library version, then loaded and registered with JAX.
+per source, compile command, JAX version and oneDNN version, then loaded and registered with JAX.
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` for what the models use:
 float32 NHWC images, HWIO kernels, stride 1, "SAME" (odd kernels) or "VALID".
@@ -157,6 +157,8 @@ def conv_general_dilated(inputs, kernel, window_strides=None, padding=None, **un
         raise ValueError("oneDNN's convolution here handles stride 1, VALID or SAME only")
     if padding == "SAME" and (kh != kw or kh % 2 == 0):
         raise ValueError("oneDNN's SAME convolution here needs an odd, square kernel")
+    if inputs.shape[-1] != kernel.shape[2]:  # oneDNN would read past the kernel
+        raise ValueError(f"{inputs.shape[-1]} input channels for a kernel of {kernel.shape[2]}")
     if inputs.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(f"oneDNN's convolution here is float32 only, not {inputs.dtype}")
     load()

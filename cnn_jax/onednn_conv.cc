@@ -111,7 +111,8 @@ struct Conv {
   }
 };
 
-// Building the primitives takes milliseconds: once per shape, shared by every call after.
+// Building the primitives takes milliseconds: once per shape, shared by every call after. Its
+// own lock, though every caller holds one_at_a_time: the cache stays safe without it.
 Conv& Cached(const Shape& s) {
   static std::mutex mu;
   static std::map<Shape, std::unique_ptr<Conv>> cache;
