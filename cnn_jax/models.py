@@ -236,23 +236,27 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 MODELS: dict[int, Callable[..., nnx.Module]] = {1: Model1, 2: Model2, 3: Model3}
 
 
-def trains_with_onednn(model: int, conv: str, dtype: str) -> bool:
-    """Whether a run on the CPU computes its convolutions with oneDNN: asked to, or Model 3 at
-    'auto' in float32 (all they take) where the onednn extra is installed."""
+def trains_with_onednn(
+    model: int, conv: str, dtype: str, platform: str = "cpu", devices: int = 1
+) -> bool:
+    """Whether a run computes its convolutions with oneDNN: on one CPU device (on several,
+    GSPMD would give each the whole batch's), asked to, or Model 3 at 'auto' in float32 (all
+    they take) where the onednn extra is installed."""
     auto = model == 3 and conv == "auto" and dtype == "float32"
-    return conv == "onednn" or (auto and onednn.available())
+    one_cpu = platform == "cpu" and devices == 1
+    return one_cpu and (conv == "onednn" or (auto and onednn.available()))
 
 
-def _model3_convs(conv: str, dtype: str, platform: str | None, one_device: bool):
-    """Model 3's 'auto': on one CPU device oneDNN's convolutions (`trains_with_onednn`; XLA
-    would give each of several devices the whole batch's), else XLA's own for its "same"
-    layers and the matmul form for the first (3 input channels), where XLA's forward and
-    gradients took 4.7x as long."""
+def _model3_convs(conv: str, dtype: str, platform: str | None, devices: int):
+    """Model 3's 'auto': oneDNN's convolutions where `trains_with_onednn`, else XLA's own for
+    its "same" layers and, on CPU, the matmul form for the first (3 input channels), where
+    XLA's forward and gradients took 4.7x as long."""
     if conv != "auto":
         return conv, None
-    if (platform or jax.default_backend()) != "cpu":
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
         return "lax", None
-    if one_device and trains_with_onednn(3, conv, dtype):
+    if trains_with_onednn(3, conv, dtype, platform, devices):
         return "onednn", None
     return "lax", ops.resolve_conv("auto", platform)
 
@@ -268,7 +272,7 @@ def create_model(
     platform: str | None = None,
     stn: bool = False,
     looped: bool = False,
-    one_device: bool = True,
+    devices: int = 1,
 ):
     """Builds Model 1, 2 or 3 with weights drawn from `seed` (an int or a PRNG key).
 
@@ -276,11 +280,11 @@ def create_model(
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
     'bfloat16'; parameters stay float32). `stn` puts a spatial transformer in front of Model 3.
     `looped`: it trains inside a compiled loop (`--steps-per-call` above 1; ops.resolve_conv).
-    `one_device`: it runs on one device (Model 3's 'auto' on CPU, `_model3_convs`).
+    `devices`: how many it runs on (Model 3's 'auto' on CPU, `_model3_convs`).
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    conv, first = _model3_convs(conv, dtype, platform, one_device) if model == 3 else (conv, None)
+    conv, first = _model3_convs(conv, dtype, platform, devices) if model == 3 else (conv, None)
     conv_fn = ops.resolve_conv(conv, platform, looped)
     layers = _Layers(conv_fn, DTYPES[dtype], pool_first=conv_fn is ops.conv3x3_matmul,
                      first_conv=first)  # fmt: skip

@@ -122,6 +122,12 @@ Conv& Cached(const Shape& s) {
   return *slot;
 }
 
+// The primitives for NHWC images of shape `image` and an HWIO kernel of shape `kernel`.
+template <typename Dims>
+Conv& For(const Dims& image, const Dims& kernel, int64_t pad) {
+  return Cached({image[0], image[1], image[2], image[3], kernel[3], kernel[0], kernel[1], pad});
+}
+
 memory Wrap(const memory::desc& d, void* data) { return memory(d, Engine(), data); }
 
 // One convolution at a time in the process: each spreads over every core itself, and teams of
@@ -146,9 +152,7 @@ ffi::Error Guarded(Body body) {
 
 ffi::Error Forward(F32x4 x, F32x4 kernel, OutF32x4 y, int64_t pad) {
   return Guarded([&] {
-    auto d = x.dimensions();
-    auto k = kernel.dimensions();
-    Conv& c = Cached({d[0], d[1], d[2], d[3], k[3], k[0], k[1], pad});
+    Conv& c = For(x.dimensions(), kernel.dimensions(), pad);
     dnnl::stream s(Engine());
     memory w = c.KernelAs(s, c.to_fwd, c.fwd_pd.weights_desc(), kernel.untyped_data());
     c.Run(s, c.fwd, {{DNNL_ARG_SRC, Wrap(c.src, x.untyped_data())},
@@ -161,9 +165,7 @@ ffi::Error Forward(F32x4 x, F32x4 kernel, OutF32x4 y, int64_t pad) {
 // The input's gradient: its shape is the result's.
 ffi::Error InputGrad(F32x4 dy, F32x4 kernel, OutF32x4 dx, int64_t pad) {
   return Guarded([&] {
-    auto d = dx->dimensions();
-    auto k = kernel.dimensions();
-    Conv& c = Cached({d[0], d[1], d[2], d[3], k[3], k[0], k[1], pad});
+    Conv& c = For(dx->dimensions(), kernel.dimensions(), pad);
     dnnl::stream s(Engine());
     memory w = c.KernelAs(s, c.to_data, c.data_pd.weights_desc(), kernel.untyped_data());
     c.Run(s, c.data, {{DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.untyped_data())},
@@ -175,9 +177,7 @@ ffi::Error InputGrad(F32x4 dy, F32x4 kernel, OutF32x4 dx, int64_t pad) {
 
 ffi::Error KernelGrad(F32x4 x, F32x4 dy, OutF32x4 dk, int64_t pad) {
   return Guarded([&] {
-    auto k = dk->dimensions();
-    auto d = x.dimensions();
-    Conv& c = Cached({d[0], d[1], d[2], d[3], k[3], k[0], k[1], pad});
+    Conv& c = For(x.dimensions(), dk->dimensions(), pad);
     dnnl::stream s(Engine());
     memory hwio = Wrap(c.kernel, dk->untyped_data());
     memory out = c.from_weights ? memory(c.weights_pd.diff_weights_desc(), Engine()) : hwio;
@@ -189,23 +189,13 @@ ffi::Error KernelGrad(F32x4 x, F32x4 dy, OutF32x4 dk, int64_t pad) {
   });
 }
 
+// The three handlers take the same: two rank-4 float32 arrays, one result, the padding.
+auto Binding() {
+  return ffi::Ffi::Bind().Arg<F32x4>().Arg<F32x4>().Ret<F32x4>().Attr<int64_t>("pad");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32x4>()
-                                  .Arg<F32x4>()
-                                  .Ret<F32x4>()
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvInputGrad, InputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32x4>()
-                                  .Arg<F32x4>()
-                                  .Ret<F32x4>()
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32x4>()
-                                  .Arg<F32x4>()
-                                  .Ret<F32x4>()
-                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvForward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvInputGrad, InputGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvKernelGrad, KernelGrad, Binding());

@@ -275,16 +275,10 @@ def _network(config: Config, num_classes: int):
             platform=platform,
             stn=config.stn,
             looped=looped,
-            one_device=mesh.size == 1,
+            devices=mesh.size,
         )
 
     return platform, mesh, build
-
-
-def _onednn(config: Config, mesh) -> bool:
-    """Whether the training step's convolutions are oneDNN's (models._model3_convs)."""
-    cpu = mesh.devices.flat[0].platform == "cpu"
-    return cpu and mesh.size == 1 and trains_with_onednn(config.model, config.conv, config.dtype)
 
 
 def _inference_conv(config: Config) -> str:
@@ -322,7 +316,9 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
         members=config.ensemble if config.ensemble > 1 else 0,
         deterministic=config.deterministic,
         ema=config.ema,
-        onednn=_onednn(config, mesh),
+        onednn=trains_with_onednn(
+            config.model, config.conv, config.dtype, mesh.devices.flat[0].platform, mesh.size
+        ),
     )
 
 

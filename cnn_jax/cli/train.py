@@ -96,13 +96,15 @@ def _start(args, cfg: Config) -> None:
     from cnn_jax import onednn
     from cnn_jax.models import trains_with_onednn
 
-    wants = cfg.platform in (None, "cpu") and trains_with_onednn(cfg.model, cfg.conv, cfg.dtype)
     if cfg.devices is None and not _joining(args) and cfg.platform in (None, "cpu"):
-        backend.split_cpu(cfg.model, cfg.batch_size, wants)  # before JAX starts
+        # before JAX starts: one device if oneDNN would take it (its own test, below)
+        wants = trains_with_onednn(cfg.model, cfg.conv, cfg.dtype)
+        backend.split_cpu(cfg.model, cfg.batch_size, wants)
     _join(args)  # before anything touches the backend
     devices = backend.devices(cfg.platform)  # starts JAX; every process's, when joined
-    if wants and devices[0].platform == "cpu" and (cfg.devices or len(devices)) == 1:
-        onednn.load()  # on several devices the step keeps XLA's (steps._onednn)
+    count = cfg.devices or len(devices)
+    if trains_with_onednn(cfg.model, cfg.conv, cfg.dtype, devices[0].platform, count):
+        onednn.load()
 
 
 def _reading_notes(cfg: Config, ds: data_lib.Dataset, metrics: dict) -> list[str]:
