@@ -275,6 +275,13 @@ class Config:
         "scale and shift each image before the classifier sees it",
         resume=True,
     )
+    width: float = setting(
+        1.0,
+        "Model 3 only: its filters times this (32, 64 and 128 at 1; 48, 96 and 192 at 1.5)",
+        low=0.25,
+        high=4,
+        resume=True,
+    )
     ensemble: int = setting(
         1,
         "train N networks from seeds seed..seed+N-1 in one compiled program; evaluate and "
@@ -376,6 +383,8 @@ class Config:
             )
         if self.stn and self.model != 3:
             raise UserError(f"--stn is for --model 3 only, not --model {self.model}")
+        if self.width != 1 and self.model != 3:
+            raise UserError(f"--width is for --model 3 only, not --model {self.model}")
         if len(set(self.distill_from)) < len(self.distill_from):
             raise UserError("--distill-from names a run twice: give each teacher once")
         if self.distill_views and not self.distill_from:

@@ -187,25 +187,26 @@ class Model3(nnx.Module):
     WIDTHS = (32, 64, 128)
 
     def __init__(self, image_size, num_classes, *, dropout=0.5, layers=_Layers(), stn=False,
-                 rngs):  # fmt: skip
-        ins = (3,) + self.WIDTHS[:-1]
+                 width=1.0, rngs):  # fmt: skip
+        widths = tuple(round(w * width) for w in self.WIDTHS)  # `--width`
+        ins = (3,) + widths[:-1]
         # The creation order fixes which weights a seed draws; it is the order the README's
         # figures were measured with: each block's first convolution, the head, then the
         # blocks' second convolutions.
         first = [layers.first_conv] + [None] * (len(ins) - 1)
         self.convs = nnx.List(
             [layers.conv3x3(a, b, rngs, use_bias=False, conv=f)
-             for a, b, f in zip(ins, self.WIDTHS, first)]
+             for a, b, f in zip(ins, widths, first)]
         )  # fmt: skip
-        self.norms = nnx.List([_batch_norm(b, layers, rngs) for b in self.WIDTHS])
+        self.norms = nnx.List([_batch_norm(b, layers, rngs) for b in widths])
         side = image_size
-        for _ in self.WIDTHS:
+        for _ in widths:
             side //= 2
-        self.dense1 = layers.dense(side * side * self.WIDTHS[-1], 256, rngs)
+        self.dense1 = layers.dense(side * side * widths[-1], 256, rngs)
         self.dropout = nnx.Dropout(dropout)
         self.logits = layers.dense(256, num_classes, rngs)
-        self.convs2 = nnx.List([layers.conv3x3(b, b, rngs, use_bias=False) for b in self.WIDTHS])
-        self.norms2 = nnx.List([_batch_norm(b, layers, rngs) for b in self.WIDTHS])
+        self.convs2 = nnx.List([layers.conv3x3(b, b, rngs, use_bias=False) for b in widths])
+        self.norms2 = nnx.List([_batch_norm(b, layers, rngs) for b in widths])
         # Drawn last, so that a seed gives the classifier the weights it has without it.
         self.stn = SpatialTransformer(image_size, layers.dtype, rngs) if stn else None
 
@@ -271,6 +272,7 @@ def create_model(
     dtype: str = "float32",
     platform: str | None = None,
     stn: bool = False,
+    width: float = 1.0,
     looped: bool = False,
     devices: int = 1,
 ):
@@ -278,7 +280,8 @@ def create_model(
 
     dropout=0 switches dropout off; `conv` picks the convolution's formulation (ops.CONVS; 'auto'
     by `platform`, the one the model will run on) and `dtype` the compute type ('float32' or
-    'bfloat16'; parameters stay float32). `stn` puts a spatial transformer in front of Model 3.
+    'bfloat16'; parameters stay float32). `stn` puts a spatial transformer in front of Model 3,
+    and `width` multiplies its filters.
     `looped`: it trains inside a compiled loop (`--steps-per-call` above 1; ops.resolve_conv).
     `devices`: how many it runs on (Model 3's 'auto' on CPU, `_model3_convs`).
     """
@@ -297,7 +300,9 @@ def create_model(
         )
     if stn and model != 3:
         raise UserError(f"a spatial transformer is for model 3 only, not model {model}")
-    extra = dict(stn=True) if stn else {}
+    if width != 1 and model != 3:
+        raise UserError(f"a width is for model 3 only, not model {model}")
+    extra = (dict(stn=True) if stn else {}) | (dict(width=width) if width != 1 else {})
     rngs = nnx.Rngs(params=seed)
     return MODELS[model](
         image_size, num_classes, dropout=dropout, layers=layers, rngs=rngs, **extra

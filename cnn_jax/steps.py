@@ -274,6 +274,7 @@ def _network(config: Config, num_classes: int):
             dtype=config.dtype,
             platform=platform,
             stn=config.stn,
+            width=config.width,
             looped=looped,
             devices=mesh.size,
         )

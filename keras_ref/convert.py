@@ -192,6 +192,8 @@ def to_keras(ckpt: Path | str) -> keras.Model:
         )
     if cfg.stn:
         raise ConversionError("the Keras reference has no spatial transformer (--stn)")
+    if cfg.width != 1:
+        raise ConversionError(f"the Keras reference has Model 3's widths, not --width {cfg.width}")
     net = create_model(cfg.model, cfg.image_size, restored.meta.num_classes)
     weights = nnx.to_pure_dict(restored.params)
     layers = [layer for layer in net.layers if layer.weights]

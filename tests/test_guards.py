@@ -25,6 +25,8 @@ from cnn_jax.config import Config
         (["--val-size", "1"], "--val-size must be below 1"),
         (["--aug-rotate", "-5"], "--aug-rotate must be at least 0"),
         (["--stn"], "--stn is for --model 3 only, not --model 2"),
+        (["--width", "1.5"], "--width is for --model 3 only, not --model 2"),
+        (["--model", "3", "--width", "0"], "--width must be at least 0.25, not 0"),
         (["--augment", "--aug-blur", "2.5"], "--aug-blur must be at most 2, not 2.5"),
         (["--augment", "--aug-erase", "1.5"], "--aug-erase must be at most 1, not 1.5"),
         (["--augment", "--aug-elastic", "0.2"], "--aug-elastic must be at most 0.1, not 0.2"),

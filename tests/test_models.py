@@ -56,3 +56,31 @@ def test_bad_model_choices_are_errors():
         create_model(4)
     with pytest.raises(ValueError, match="too small"):
         create_model(2, image_size=8)
+
+
+def test_a_wider_model_3_has_its_filters_times_the_width():
+    plain, wide = create_model(3, 32), create_model(3, 32, width=1.5)
+    widths = [int(c.kernel[...].shape[-1]) for c in wide.convs]
+    assert widths == [48, 96, 192] == [round(1.5 * w) for w in plain.WIDTHS]
+    assert wide.dense1.kernel[...].shape == (4 * 4 * 192, 256)
+    assert wide.convs2[2].kernel[...].shape == (3, 3, 192, 192)
+    assert wide(jnp.zeros((2, 32, 32, 3))).shape == (2, 43)
+    with pytest.raises(ValueError, match="model 3 only"):
+        create_model(2, width=1.5)
+
+
+def test_a_wider_run_restores_at_its_width_and_the_keras_reference_refuses_it(tmp_path, capsys):
+    from cnn_jax import inference
+    from cnn_jax.cli import main
+
+    workdir = tmp_path / "r"
+    args = ["train", "--model", "3", "--width", "0.5", "--image-size", "16", "--epochs", "1"]
+    args += ["--synthetic-per-class", "5", "--workdir", str(workdir), "--platform", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    restored = inference.load_checkpoint(workdir)
+    assert restored.config.width == 0.5
+    assert np.asarray(restored.params["convs"][0]["kernel"]).shape == (3, 3, 3, 16)
+    convert = pytest.importorskip("keras_ref.convert")  # TensorFlow: the keras extra
+    with pytest.raises(convert.ConversionError, match="--width 0.5"):
+        convert.to_keras(workdir)

@@ -175,6 +175,7 @@ def _describe(restored, fmt, quantize, shape, size, check) -> dict:
         "classes": [{"id": c, "name": sign_name(c)} for c in range(classes)],
         "model": cfg.model,
         "spatial_transformer": cfg.stn,
+        "width": cfg.width,
         "ensemble": cfg.ensemble,
         "checkpoint": {
             "path": str(restored.directory),
