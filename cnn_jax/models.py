@@ -177,7 +177,8 @@ class Model2(_Sequential):
 
 class Model3(nnx.Module):
     """Three blocks of two [Conv2D(3x3, "same", no bias) -> BatchNorm -> ReLU], then MaxPool,
-    with 32, 64 and 128 filters, then Flatten -> Dense(256) -> Dropout -> Dense(classes).
+    with 32, 64 and 128 filters (times `width`), then Flatten -> Dense(256) -> Dropout ->
+    Dense(classes).
 
     Not from the tutorial: a small VGG-style CNN for the task. Batch normalisation lets it train
     fast at a high learning rate; "same" padding keeps the borders, where a sign's rim is. The
