@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnn_jax import inference
+from cnn_jax.cli import main
 from cnn_jax.models import count_params, create_model
 
 
@@ -70,9 +72,6 @@ def test_a_wider_model_3_has_its_filters_times_the_width():
 
 
 def test_a_wider_run_restores_at_its_width_and_the_keras_reference_refuses_it(tmp_path, capsys):
-    from cnn_jax import inference
-    from cnn_jax.cli import main
-
     workdir = tmp_path / "r"
     args = ["train", "--model", "3", "--width", "0.5", "--image-size", "16", "--epochs", "1"]
     args += ["--synthetic-per-class", "5", "--workdir", str(workdir), "--platform", "cpu"]
