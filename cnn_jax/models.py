@@ -303,7 +303,7 @@ def create_model(
         raise UserError(f"a spatial transformer is for model 3 only, not model {model}")
     if width != 1 and model != 3:
         raise UserError(f"a width is for model 3 only, not model {model}")
-    extra = (dict(stn=True) if stn else {}) | (dict(width=width) if width != 1 else {})
+    extra = dict(stn=stn, width=width) if model == 3 else {}  # Model 3's alone, checked above
     rngs = nnx.Rngs(params=seed)
     return MODELS[model](
         image_size, num_classes, dropout=dropout, layers=layers, rngs=rngs, **extra
