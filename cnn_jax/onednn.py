@@ -126,7 +126,8 @@ def load() -> None:
 
 
 def _call(target: str, shape, *operands, pad: int):
-    # Under vmap (an ensemble's members) the call runs once per member, in a loop.
+    # Nothing vmaps it today (an ensemble's members train in a loop, for_each_member); should
+    # something, the call runs once per member.
     result = jax.ShapeDtypeStruct(shape, jnp.float32)
     call = jax.ffi.ffi_call(TARGETS[target], result, vmap_method="sequential")
     return call(*operands, pad=np.int64(pad))

@@ -25,14 +25,21 @@ EVAL_BATCH = 256
 TRACE_COUNTS = collections.Counter()
 
 
-def for_each_member(platform: str, fn, *stacked):
+def for_each_member(platform: str, fn, *stacked, loop: bool = False):
     """`fn` over an ensemble's members (the leading axis of `stacked`), results stacked.
 
     A vmap on accelerators, where the members compute side by side; on CPU one member after
     the other, unrolled: vmapped, XLA:CPU's convolution becomes a grouped one (a 2-member
     Model 3 step took 10x one member's), and as a `lax.map` loop over a batch split between
     two CPU devices it took 70x; unrolled, 2.05x. Compiling grows with the members.
+
+    `loop`: a `lax.map`, for a network with oneDNN's convolutions. Unrolled, XLA runs the
+    members' operations side by side, and another member's work on a core stalls each oneDNN
+    convolution, which spreads over all of them: two members took 2.9x one network's step,
+    looped 2.1x (BENCHMARKS.md). XLA's own convolutions took 60x longer in such a loop.
     """
+    if loop:
+        return jax.lax.map(lambda args: fn(*args), stacked)
     if platform == "cpu":
         count = jax.tree.leaves(stacked)[0].shape[0]
         outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count)]

@@ -2,6 +2,7 @@
 vmap, the choice `--conv auto` makes, reproducible training, and the errors where they cannot
 be built."""
 
+import dataclasses
 import json
 import os
 
@@ -107,6 +108,22 @@ def test_training_with_it_is_reproducible_to_the_bit():
 
     for a, b in zip(jax.tree.leaves(trained()), jax.tree.leaves(trained()), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_onednn
+def test_an_ensembles_members_train_in_a_loop_with_it():
+    # Side by side, XLA runs one member's work on the cores each oneDNN convolution of another
+    # spreads over (predictor.for_each_member); XLA's own convolutions stay unrolled.
+    images = np.zeros((16, 16, 16, 3), np.uint8)
+
+    def step_text(conv):
+        cfg = Config(model=3, image_size=16, batch_size=8, platform="cpu", devices=1, conv=conv)
+        trainer, state = create_trainer(dataclasses.replace(cfg, ensemble=2), 4)
+        placed = trainer.place((images, np.zeros(16, np.int32), np.arange(16, dtype=np.int32)))
+        seeds = np.arange(2, dtype=np.int32)
+        return str(jax.make_jaxpr(trainer._train_step)(state, *placed, 16, 0, seeds))
+
+    assert "scan[" in step_text("onednn") and "scan[" not in step_text("lax")
 
 
 def test_a_missing_extra_is_named_before_the_data_loads(tmp_path, capsys, monkeypatch):
