@@ -25,26 +25,27 @@ EVAL_BATCH = 256
 TRACE_COUNTS = collections.Counter()
 
 
-def for_each_member(platform: str, fn, *stacked, loop: bool = False):
+def for_each_member(platform: str, fn, *stacked, unroll: bool = False):
     """`fn` over an ensemble's members (the leading axis of `stacked`), results stacked.
 
-    A vmap on accelerators, where the members compute side by side; on CPU one member after
-    the other, unrolled: vmapped, XLA:CPU's convolution becomes a grouped one (a 2-member
-    Model 3 step took 10x one member's), and as a `lax.map` loop over a batch split between
-    two CPU devices it took 70x; unrolled, 2.05x. Compiling grows with the members.
+    A vmap on accelerators, where the members compute side by side. On the CPU one member
+    after the other, in a `lax.map` loop: vmapped, XLA:CPU's convolution becomes a grouped one
+    (a 2-member Model 3 step took 10x one member's), and unrolled, XLA runs the members'
+    operations side by side, so that one member's work on a core stalls another's convolution,
+    which spreads over every core: two members' training step with oneDNN's convolutions took
+    2.9x one network's, looped 2.1x; their inference 2.2x, looped 2.0x (BENCHMARKS.md).
 
-    `loop`: a `lax.map`, for a network with oneDNN's convolutions. Unrolled, XLA runs the
-    members' operations side by side, and another member's work on a core stalls each oneDNN
-    convolution, which spreads over all of them: two members took 2.9x one network's step,
-    looped 2.1x (BENCHMARKS.md). XLA's own convolutions took 60x longer in such a loop.
+    `unroll`: on the CPU unrolled instead, for training with XLA's convolutions, whose
+    gradients took 60x longer in the loop (70x in a loop over a batch split between two CPU
+    devices); unrolled, 1.5-2.05x. Compiling then grows with the members.
     """
-    if loop:
+    if platform != "cpu":
+        return jax.vmap(fn)(*stacked)
+    if not unroll:
         return jax.lax.map(lambda args: fn(*args), stacked)
-    if platform == "cpu":
-        count = jax.tree.leaves(stacked)[0].shape[0]
-        outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    return jax.vmap(fn)(*stacked)
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -137,22 +138,22 @@ class Predictor:
         # Each device computes its slice of the batch.
         return [jax.lax.with_sharding_constraint(a, parallel.sharded(self.mesh)) for a in arrays]
 
-    def apply(self, weights, images):
+    def apply(self, weights, images, unroll: bool = False):
         """Float32 logits of uint8 images, dropout off: (batch, classes), or (members, batch,
-        classes) for an ensemble."""
+        classes) for an ensemble (`unroll`: for_each_member's)."""
         x = data_lib.scale_pixels(images, self.pixels)
         run = lambda w: nnx.merge(self.graphdef, w)(x).astype(jnp.float32)  # noqa: E731
         if not self.members:
             return run(weights)
-        return for_each_member(self.mesh.devices.flat[0].platform, run, weights)
+        return for_each_member(self.mesh.devices.flat[0].platform, run, weights, unroll=unroll)
 
-    def _probabilities(self, weights, images):
+    def _probabilities(self, weights, images, unroll: bool = False):
         """Softmax outputs; an ensemble's are its members' mean, and each member's as well.
         With test-time augmentation each is the mean over the views."""
-        probs = jax.nn.softmax(self.apply(weights, images))
+        probs = jax.nn.softmax(self.apply(weights, images, unroll))
         if self.tta > 1:
             # One view at a time: all at once would hold tta times the activations.
-            each = jax.lax.map(lambda v: jax.nn.softmax(self.apply(weights, v)),
+            each = jax.lax.map(lambda v: jax.nn.softmax(self.apply(weights, v, unroll)),
                                augment.views(images, self.tta - 1))  # fmt: skip
             probs = (probs + each.sum(0)) / self.tta
         return (probs.mean(0), probs) if self.members else (probs, None)
@@ -160,9 +161,10 @@ class Predictor:
     def mean_probabilities(self, weights, images):
         """Softmax outputs (an ensemble's mean) of uint8 or 0..255 float images, traced into
         the caller's program at this network's own matmul precision; no gradient flows back
-        through them."""
+        through them. An ensemble's members unrolled: in a training step (--distill-views)
+        that ran 7% faster than in a loop (BENCHMARKS.md)."""
         with jax.default_matmul_precision(self.precision) if self.precision else nullcontext():
-            return jax.lax.stop_gradient(self._probabilities(weights, images)[0])
+            return jax.lax.stop_gradient(self._probabilities(weights, images, unroll=True)[0])
 
     @functools.cached_property
     def eval_step(self):

@@ -211,7 +211,7 @@ class Trainer:
             (targets,) = self.predictor.shard(targets[idx])
         if self.members:  # every member on the same batch, each from its own seed
             step = lambda s, k: self._member_step(s, x, y, weights, k, targets)  # noqa: E731
-            return for_each_member(self.platform, step, state, seed, loop=self.onednn)
+            return for_each_member(self.platform, step, state, seed, unroll=not self.onednn)
         return self._member_step(state, x, y, weights, seed, targets)
 
     def _augmented(self, key, x, y, targets):

@@ -436,6 +436,15 @@ def test_an_ensemble_of_identical_members_equals_one_member(small):
     assert ev["loss"] == pytest.approx(ev_one["loss"], rel=SAME_FUNCTION)
 
 
+def test_an_ensembles_members_classify_in_a_loop_on_the_cpu(small):
+    # Unrolled, one member's work stalled another's convolutions (predictor.for_each_member);
+    # a teacher inside a training step (--distill-views) keeps them unrolled.
+    trainer, state = steps.create_trainer(_ensemble(2), 43, 1)
+    text = lambda fn: str(jax.make_jaxpr(fn)(state.weights, small.images[:8]))  # noqa: E731
+    predictor = trainer.predictor
+    assert "scan[" in text(predictor.apply) and "scan[" not in text(predictor.mean_probabilities)
+
+
 def test_ensemble_members_differ_and_resume_exactly(small, tmp_path):
     (ref, ref_metrics), (_, metrics) = _uninterrupted_and_resumed(_ensemble(2), small, tmp_path, 7)
     a, b = (jax.tree.leaves(ref.params)[0][m] for m in range(2))
