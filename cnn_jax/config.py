@@ -160,6 +160,14 @@ class Strengths:
         low=0,
         high=0.1,
     )
+    cutmix: float = setting(
+        0.0,
+        "chance that a training image gets a rectangle of another image of its batch pasted "
+        "over it (CutMix), its target the two labels weighted by their shares of the pixels "
+        "(0: none)",
+        low=0,
+        high=1,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from cnn_jax import augment as augment_lib
 from cnn_jax import backend, parallel
+from cnn_jax import cutmix as cutmix_lib
 from cnn_jax import data as data_lib
 from cnn_jax import mirror as mirror_lib
 from cnn_jax.config import Config
@@ -89,15 +90,22 @@ def moving_average(average, weights, decay: float, step):
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array, smoothing: float = 0.0, targets=None
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    smoothing: float = 0.0,
+    targets=None,
+    mix=None,
 ) -> jax.Array:
     """Weighted mean categorical cross-entropy on logits (Keras: softmax + crossentropy), with
     `smoothing` of the one-hot targets spread evenly over the classes; given `targets`
-    (probabilities per class: a teacher's), against them instead of the labels."""
-    if targets is not None:
-        losses = optax.softmax_cross_entropy(logits, targets)
-    elif smoothing:
+    (probabilities per class: a teacher's), against them instead of the labels. `mix`, from
+    `cutmix.cutmix`, mixes each image's targets with its partner's."""
+    if targets is None and (smoothing or mix is not None):
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    if mix is not None:
+        targets = cutmix_lib.mixed_targets(targets, *mix)
+    if targets is not None:
         losses = optax.softmax_cross_entropy(logits, targets)
     else:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -228,17 +236,22 @@ class Trainer:
     def _member_step(self, state, x, y, weights, seed, targets=None):
         """One network's update on a batch; `seed` draws its dropout and augmentation. `targets`:
         a teacher's probabilities for the batch, or with `teacher` its weights."""
+        mix = None
         if self.augment is not None:
-            x, y, targets = self._augmented(step_key(seed, "augment", state.step), x, y, targets)
+            augment_key = step_key(seed, "augment", state.step)
+            x, y, targets = self._augmented(augment_key, x, y, targets)
+            if self.augment.cutmix:
+                mix_key = jax.random.fold_in(augment_key, cutmix_lib.CUTMIX_TAG)
+                x, *mix = cutmix_lib.cutmix(mix_key, x, weights, self.augment.cutmix)
         if self.teacher is not None:  # `targets` holds its weights: it sees what the student does
-            targets = self.teacher.mean_probabilities(targets, x)
+            targets, mix = self.teacher.mean_probabilities(targets, x), None  # graded as mixed
         key = dropout_key(seed, state.step)
 
         # The statistics go in as an argument: NNX updates them only inside the trace that
         # made them (and their gradient, zero, costs nothing).
         def loss_fn(params, batch_stats):
             logits, batch_stats = self.apply(params, x, key, batch_stats, weights > 0)
-            loss = cross_entropy(logits, y, weights, self.label_smoothing, targets)
+            loss = cross_entropy(logits, y, weights, self.label_smoothing, targets, mix)
             return loss, (logits, batch_stats)
 
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)

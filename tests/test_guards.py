@@ -34,6 +34,7 @@ from cnn_jax.config import Config
         (["--augment", "--aug-colour", "1"], "--aug-colour must be below 1, not 1"),
         (["--augment", "--aug-aspect", "1"], "--aug-aspect must be below 1, not 1"),
         (["--augment", "--aug-flip", "1.5"], "--aug-flip must be at most 1, not 1.5"),
+        (["--augment", "--aug-cutmix", "-0.5"], "--aug-cutmix must be at least 0, not -0.5"),
     ],
 )
 def test_bad_options_are_refused_before_anything_loads(tmp_path, capsys, args, message):
