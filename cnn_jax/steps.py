@@ -243,6 +243,7 @@ class Trainer:
             if self.augment.cutmix:
                 mix_key = jax.random.fold_in(augment_key, cutmix_lib.CUTMIX_TAG)
                 x, *mix = cutmix_lib.cutmix(mix_key, x, weights, self.augment.cutmix)
+                (x,) = self.predictor.shard(x)  # the pastes came from across the batch
         if self.teacher is not None:  # `targets` holds its weights: it sees what the student does
             targets, mix = self.teacher.mean_probabilities(targets, x), None  # graded as mixed
         key = dropout_key(seed, state.step)

@@ -10,7 +10,8 @@ import pytest
 
 from cnn_jax import cutmix
 from cnn_jax.cli import main
-from cnn_jax.steps import cross_entropy
+from cnn_jax.config import Config, Strengths
+from cnn_jax.steps import create_trainer, cross_entropy, dropout_key, step_key
 
 
 def _batch(n=64, side=12):
@@ -82,6 +83,27 @@ def test_the_loss_weighs_both_labels_by_their_shares():
     own = optax.softmax_cross_entropy(logits, teacher)
     theirs = optax.softmax_cross_entropy(logits, teacher[partner])
     np.testing.assert_allclose(taught, np.mean(share * own + (1 - share) * theirs), rtol=1e-6)
+
+
+def test_the_step_trains_on_the_pasted_images_against_their_mixed_targets():
+    # Every other change off, dropout off: the step's loss is the network's on the pasted
+    # batch against the targets cutmix's own draws mix (one image off gives another loss).
+    still = Strengths(rotate=0, scale=0, shear=0, shift=0, brightness=0, contrast=0, cutmix=1.0)
+    config = Config(model=3, augment=True, strengths=still, dropout=0.0, label_smoothing=0.1,
+                    image_size=12, platform="cpu", devices=1, conv="lax")  # fmt: skip
+    trainer, state = create_trainer(config, 5)
+    images = _batch(16).round()
+    labels = np.arange(16) % 5
+    weights = np.ones(16, np.float32)
+    new = trainer._member_step(state, images, labels, weights, 0)
+    key = jax.random.fold_in(step_key(0, "augment", 0), cutmix.CUTMIX_TAG)
+    pasted, partner, share = cutmix.cutmix(key, images, weights, 1.0)
+    assert np.mean(np.asarray(share) < 1) > 0.5
+    logits, _ = trainer.apply(state.params, pasted, dropout_key(0, 0), state.batch_stats)
+    mixed = cross_entropy(logits, labels, weights, 0.1, mix=(partner, share))
+    assert float(new.metrics[0]) / 16 == pytest.approx(float(mixed), rel=1e-5)
+    unmixed = cross_entropy(logits, labels, weights, 0.1)
+    assert abs(float(mixed) - float(unmixed)) > 1e-2
 
 
 def test_a_run_with_cutmix_trains_and_differs_from_one_without(tmp_path):
