@@ -172,10 +172,16 @@ def _erase(key: jax.Array, image: jax.Array, largest: float) -> jax.Array:
     k_size, k_centre = jax.random.split(key)
     half = jax.random.uniform(k_size, (2,), maxval=largest / 2) * jnp.array([h, w])
     centre = jax.random.uniform(k_centre, (2,)) * jnp.array([h, w])
+    inside = rectangle(centre, half, h, w)[..., None]
+    return jnp.where(inside, jnp.mean(image, axis=(0, 1)), image)
+
+
+def rectangle(centre: jax.Array, half: jax.Array, h: int, w: int) -> jax.Array:
+    """(h, w) bool: the pixels whose centres lie within `half` (rows, cols) of `centre`, in
+    pixels; an edge of the image may cut it (cutout's rectangle, and CutMix's)."""
     rows = jnp.abs(jnp.arange(h) + 0.5 - centre[0]) < half[0]
     cols = jnp.abs(jnp.arange(w) + 0.5 - centre[1]) < half[1]
-    inside = (rows[:, None] & cols[None, :])[..., None]
-    return jnp.where(inside, jnp.mean(image, axis=(0, 1)), image)
+    return rows[:, None] & cols[None, :]
 
 
 def augment(key: jax.Array, images: jax.Array, strengths: Strengths) -> jax.Array:

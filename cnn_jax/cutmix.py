@@ -12,6 +12,8 @@ paper's chance per batch made per image, so that a batch of 16 holds a steady mi
 import jax
 import jax.numpy as jnp
 
+from cnn_jax import augment
+
 CUTMIX_TAG = 0x6375746D  # "cutm": fold_in's tag, far from the augmentation's split indices
 
 
@@ -26,19 +28,14 @@ def cutmix(key, images, weights, chance: float):
     partner = jax.random.permutation(k_partner, n)
     do = (jax.random.uniform(k_do, (n,)) < chance) & (weights[partner] > 0)
     side = jnp.sqrt(jax.random.uniform(k_area, (n,)))  # a fraction of each side
-    box = _span(k_row, side, h)[:, :, None] & _span(k_col, side, w)[:, None, :]
+    size = jnp.array([h, w])
+    half = side[:, None] * size / 2
+    centre = jnp.stack([jax.random.uniform(k, (n,)) for k in (k_row, k_col)], 1) * size
+    box = jax.vmap(lambda c, r: augment.rectangle(c, r, h, w))(centre, half)
     box = box & do[:, None, None]
     images = jnp.where(box[..., None], images[partner], images)
     share = 1.0 - jnp.mean(box, axis=(1, 2))
     return images, partner, share
-
-
-def _span(key, side, length: int):
-    """(n, length): the pixels a span of `side` x `length` covers about a random centre."""
-    centre = jax.random.uniform(key, side.shape) * length
-    half = (side * length / 2)[:, None]
-    at = jnp.arange(length) + 0.5  # pixel centres
-    return (at >= centre[:, None] - half) & (at < centre[:, None] + half)
 
 
 def mixed_targets(targets, partner, share):
