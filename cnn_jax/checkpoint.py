@@ -250,6 +250,11 @@ class Checkpoints:
     def restore(self, step: int, template) -> tuple[Any, RunMeta]:
         """The state at `step`, shaped like `template`, with its meta; verified by digest."""
         meta = self.read_meta(step)
+        # The arrays' files are checked before orbax reads them: handed a damaged file, it
+        # leaves failed asyncio tasks that print tracebacks whenever they are collected.
+        damage = _damage(self.directory / str(step), RuntimeError("not read"), only="state/")
+        if damage is not None:
+            raise CheckpointError(self._corrupt(step, damage))
         target = {k: np.zeros(v.shape, v.dtype) for k, v in _leaves(template).items()}
         try:
             restored = self.manager.restore(
@@ -347,11 +352,12 @@ def _write_manifest(step_dir: Path) -> None:
     tmp.replace(step_dir / MANIFEST)
 
 
-def _damage(step_dir: Path, error: Exception) -> str | None:
+def _damage(step_dir: Path, error: Exception, only: str = "") -> str | None:
     """Why a step that failed to restore is damaged, or None when it is not.
 
-    Damaged: a file it wrote is missing, unreadable or changed (by its manifest). A step saved
-    before manifests existed counts as damaged only when the failure is one of reading files.
+    Damaged: a file it wrote is missing, unreadable or changed (by its manifest); `only`
+    limits the check to the files under that prefix. A step saved before manifests existed
+    counts as damaged only when the failure is one of reading files.
     """
     try:
         expected = json.loads((step_dir / MANIFEST).read_text())
@@ -361,6 +367,8 @@ def _damage(step_dir: Path, error: Exception) -> str | None:
     except (OSError, ValueError) as e:
         return f"its file list {MANIFEST} is unreadable ({_first_line(e)})"
     for name, digest in expected.items():
+        if not name.startswith(only):
+            continue
         try:
             if _sha256(step_dir / name) != digest:
                 return f"{name} does not match its SHA-256"
