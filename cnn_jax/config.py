@@ -270,6 +270,14 @@ class Config:
         below=1,
         resume=True,
     )
+    sam: float = setting(
+        0.0,
+        "sharpness-aware minimisation (Foret et al. 2021): each step takes the gradient at "
+        "the weights this far (in L2) up the batch's gradient, for twice the step's work "
+        "(0: off; the paper's 0.05)",
+        low=0,
+        resume=True,
+    )
     augment: bool = setting(
         False,
         "random rotation, scaling, shear, shift, brightness and contrast of each training "

@@ -133,6 +133,7 @@ class Trainer:
     # its weights come in the targets' place (distill.py)
     teacher: Predictor | None = None
     ema: float = 0.0  # --ema: the decay of the weights' moving average; 0: none
+    sam: float = 0.0  # --sam: how far the gradient is taken from the weights; 0: at them
     onednn: bool = False  # its convolutions are oneDNN's (metrics.json says so)
 
     @property
@@ -257,6 +258,8 @@ class Trainer:
 
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (loss, (logits, batch_stats)), (grads, _) = grad_fn(state.params, state.batch_stats)
+        if self.sam:
+            grads = _sharpness_aware(grad_fn, state, grads, self.sam)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * weights)
@@ -316,6 +319,17 @@ def _initial_weights(config: Config, build, conv: str):
     return graphdef, params, batch_stats
 
 
+def _sharpness_aware(grad_fn, state: TrainState, grads, rho: float):
+    """SAM's gradient: the batch's gradient at the weights `rho` up its own (normalised)
+    direction, the worst weights that near to first order; loss, accuracy and batch-norm
+    statistics stay those at the weights themselves. Written out rather than optax.contrib.sam,
+    whose opaque mode wants a gradient function without the statistics NNX threads through."""
+    scale = rho / (optax.tree.norm(grads) + 1e-12)
+    nearby = jax.tree.map(lambda w, g: w + scale * g, state.params, grads)
+    _, (sharp, _) = grad_fn(nearby, state.batch_stats)
+    return sharp
+
+
 def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> Trainer:
     return Trainer(
         graphdef=graphdef,
@@ -331,6 +345,7 @@ def _trainer(config: Config, tx, mesh, graphdef, infer_graphdef, per_call=1) -> 
         members=config.ensemble if config.ensemble > 1 else 0,
         deterministic=config.deterministic,
         ema=config.ema,
+        sam=config.sam,
         onednn=trains_with_onednn(
             config.model, config.conv, config.dtype, mesh.devices.flat[0].platform, mesh.size
         ),

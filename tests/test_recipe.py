@@ -382,6 +382,28 @@ def test_an_ensembles_moving_average_has_one_per_member(small):
     assert not np.allclose(ema[kernel], last[kernel])  # one step: 0.9 of the way
 
 
+def test_sharpness_aware_takes_the_gradient_rho_up_its_own_direction():
+    """On 0.5 * sum(a * w^2), whose gradient is a * w: SAM's is a * (w + rho * g / |g|)."""
+    a, w = jnp.array([1.0, 4.0, -2.0]), {"w": jnp.array([0.5, -1.0, 2.0])}
+
+    def grad_fn(params, batch_stats):  # the shape of jax.value_and_grad's in _member_step
+        loss = 0.5 * jnp.sum(a * params["w"] ** 2)
+        return (loss, (None, batch_stats)), ({"w": a * params["w"]}, batch_stats)
+
+    state = steps.TrainState(w, None, 0, None, {"mean": jnp.zeros(3)})
+    g = a * w["w"]
+    sharp = steps._sharpness_aware(grad_fn, state, {"w": g}, 0.05)
+    expected = a * (w["w"] + 0.05 * g / jnp.linalg.norm(g))
+    np.testing.assert_allclose(sharp["w"], expected, rtol=1e-6)
+
+
+def test_sam_changes_the_training_and_resumes_exactly(small, tmp_path):
+    cfg = dataclasses.replace(STRONG, sam=0.05)
+    (ref, _), _ = _uninterrupted_and_resumed(cfg, small, tmp_path, 5)
+    plain, _ = train.fit(STRONG, small, verbose=False)
+    assert checkpoint.params_digest(ref.weights) != checkpoint.params_digest(plain.weights)
+
+
 def test_batch_norm_statistics_are_saved_and_restored(small, tmp_path):
     state, metrics = train.fit(dataclasses.replace(STRONG, epochs=1), small, tmp_path,
                                verbose=False)  # fmt: skip
