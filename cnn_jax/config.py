@@ -274,8 +274,8 @@ class Config:
         0.0,
         "sharpness-aware minimisation (Foret et al. 2021): each step takes the gradient at "
         "the weights this far (in L2) up the batch's gradient, for twice the step's work "
-        "(0: off; the paper's 0.05, made for SGD in large batches, stalled the best single "
-        "network's training here: README)",
+        "(0: off; the paper's 0.05, chosen there with SGD, stalled the best single network's "
+        "training here: README)",
         low=0,
         resume=True,
     )
