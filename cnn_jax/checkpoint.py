@@ -252,9 +252,7 @@ class Checkpoints:
         meta = self.read_meta(step)
         # The arrays' files are checked before orbax reads them: handed a damaged file, it
         # leaves failed asyncio tasks that print tracebacks whenever they are collected.
-        damage = _damage(self.directory / str(step), RuntimeError("not read"), only="state/")
-        if damage is not None:
-            raise CheckpointError(self._corrupt(step, damage))
+        self.verify(step, only="state/")
         target = {k: np.zeros(v.shape, v.dtype) for k, v in _leaves(template).items()}
         try:
             restored = self.manager.restore(
@@ -283,10 +281,10 @@ class Checkpoints:
             )
         return state, meta
 
-    def verify(self, step: int) -> None:
-        """Raises CheckpointError when a file of the step is missing or does not match its
-        SHA-256: the damage check of `restore`, without reading the arrays."""
-        damage = _damage(self.directory / str(step), RuntimeError("not read"))
+    def verify(self, step: int, only: str = "") -> None:
+        """Raises CheckpointError when a file of the step (under `only`) is missing or does not
+        match its SHA-256: the damage check of `restore`, without reading the arrays."""
+        damage = _damage(self.directory / str(step), RuntimeError("not read"), only)
         if damage is not None:
             raise CheckpointError(self._corrupt(step, damage))
 
