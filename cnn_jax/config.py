@@ -16,7 +16,7 @@ from cnn_jax.errors import UserError
 from cnn_jax.files import write_whole
 
 LAYOUTS = ("auto", "cs50", "gtsrb-train", "gtsrb-test")
-PIXELS = ("unit", "raw", "standard", "equalize", "grey")
+PIXELS = ("unit", "raw", "standard", "equalize", "grey", "local")
 DECODERS = ("opencv", "pillow")
 SPLITS = ("random", "track")
 OPTIMIZERS = ("keras-adam", "adam")
@@ -217,7 +217,8 @@ class Config:
         "unit",
         "unit: divide by 255; raw: 0..255 as the tutorial (often gets stuck); standard: "
         "each image to zero mean and unit spread; equalize: histogram equalisation, then "
-        "standard; grey: each pixel's luminance in all three channels, then standard",
+        "standard; grey: each pixel's luminance in all three channels, then standard; local: "
+        "each pixel's contrast to its neighbourhood's, then standard",
         choices=PIXELS,
         resume=True,
     )

@@ -100,6 +100,17 @@ def test_a_spatial_transformer_exports_to_tflite_and_onnx(tmp_path_factory, tiny
         assert check["max_abs_difference"] <= 1e-5 and check["top1_agreement"] == 1.0, name
 
 
+def test_local_contrast_exports_to_tflite_and_onnx(tmp_path_factory, tiny):
+    """`--pixels local` is two products with band matrices inside the graph."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("onnxruntime")
+    run = _run(tmp_path_factory, tiny, "local", pixels="local")
+    for name in ("model.tflite", "model.onnx"):
+        out = tmp_path_factory.mktemp("out") / name
+        check = export(run, out, Request(check_images=20))["self_check"]
+        assert check["max_abs_difference"] <= 1e-5 and check["top1_agreement"] == 1.0, name
+
+
 def test_int8_exports_are_calibrated_and_a_quarter_the_size(model2, tmp_path, monkeypatch):
     """The mechanics of quantizing (calibration, conversion, the runtime): a network trained
     one epoch on 430 images has near-even probabilities, whose top-1 int8 rounding changes,

@@ -269,6 +269,33 @@ def test_equalized_pixels_spread_a_dark_image_and_agree_between_numpy_and_jax():
     assert np.all(flat == 0)
 
 
+def test_local_contrast_lifts_the_shaded_half_of_a_sign_and_agrees_between_numpy_and_jax():
+    # Strokes (a checkerboard of 2-pixel squares) lit on the right, in deep shade on the left.
+    squares = (np.indices((32, 32)) // 2).sum(0) % 2
+    shade = np.where(np.arange(32) < 16, 0.15, 1.0)[None, :]
+    image = ((60 + 120 * squares) * shade).round().astype(np.uint8)
+    image = np.repeat(image[None, ..., None], 3, axis=-1)
+    dark, lit = (
+        (slice(None), slice(8, 24), slice(2, 10)),
+        (slice(None), slice(8, 24), slice(22, 30)),
+    )
+    contrast = lambda x: x[dark].std() / x[lit].std()  # noqa: E731
+    # One scale for the whole image keeps the shade's 0.15; the local spread lifts the shaded
+    # strokes up to the floor, the image's mean spread (half the lit side's here): 0.24.
+    standard = contrast(data.scale_pixels(image, "standard"))
+    assert standard < 0.16 and contrast(data.scale_pixels(image, "local")) > 1.5 * standard
+    _assert_standardized(data.scale_pixels(image, "local"),
+                         pixels_lib._local_contrast(image.astype(np.float32)))  # fmt: skip
+    # The same scene four times brighter is the same input; a flat image stays flat.
+    darker = (image // 4).astype(np.uint8)
+    np.testing.assert_allclose(data.scale_pixels(darker, "local"),
+                               data.scale_pixels(darker * 4, "local"), atol=1e-5)  # fmt: skip
+    assert np.abs(data.scale_pixels(np.full((1, 8, 8, 3), 9, np.uint8), "local")).max() < 1e-3
+    batch = _images()
+    on_jax = jax.jit(lambda x: data.scale_pixels(x, "local"))(jnp.asarray(batch))
+    np.testing.assert_allclose(on_jax, data.scale_pixels(batch, "local"), atol=6e-4)
+
+
 def test_model_3_shape_and_parameter_count():
     model = models.create_model(3, image_size=32, num_classes=43)
     assert models.count_params(model) == 823_051

@@ -15,7 +15,8 @@ def scale_pixels(images, pixels: str):
     dark and washed-out photos, common in GTSRB, reach the network at one contrast.
     'equalize' first equalises each image's histogram (see `_equalize`), then standardises.
     'grey' first puts each pixel's luminance in all three channels (see `_grey`), then
-    standardises.
+    standardises. 'local' first normalises each pixel's contrast to its neighbourhood's (see
+    `_local_contrast`), then standardises.
     """
     x = images.astype("float32")
     if pixels == "unit":
@@ -26,13 +27,18 @@ def scale_pixels(images, pixels: str):
         x = _equalize(x)
     if pixels == "grey":
         x = _grey(x)
+    if pixels == "local":
+        return _standardise(_local_contrast(x))
     if pixels in ("standard", "equalize", "grey"):
-        x = x / 255.0
-        axes = (-3, -2, -1)
-        # The floor keeps a flat image (one colour) from being blown up to noise.
-        spread = x.std(axis=axes, keepdims=True).clip(min=1.0 / 64)
-        return (x - x.mean(axis=axes, keepdims=True)) / spread
+        return _standardise(x / 255.0)
     raise UserError(f"unknown pixel scaling {pixels!r}: choose one of {', '.join(PIXELS)}")
+
+
+def _standardise(x):
+    axes = (-3, -2, -1)
+    # The floor keeps a flat image (one colour) from being blown up to noise.
+    spread = x.std(axis=axes, keepdims=True).clip(min=1.0 / 64)
+    return (x - x.mean(axis=axes, keepdims=True)) / spread
 
 
 def _equalize(x):
@@ -68,6 +74,43 @@ def _grey(x):
     weights = np.array([0.299, 0.587, 0.114], np.float32)[: x.shape[-1]]
     luminance = (x * weights).sum(axis=-1, keepdims=True)
     return xp.broadcast_to(luminance, x.shape)
+
+
+def _local_contrast(x):
+    """Local contrast normalisation (Jarrett et al. 2009, as Sermanet and LeCun 2011 used it on
+    GTSRB) of float 0..255 NHWC images, NumPy or JAX: each channel minus its Gaussian-weighted
+    neighbourhood mean, divided by the neighbourhood's spread over all channels (floored at
+    the image's mean spread, so flat regions are not blown up to noise). A dark photo and the
+    same photo lit are the same input, and strokes in a shaded part of a sign are lifted
+    toward those in its lit part (up to that floor). The Gaussian (sigma a sixteenth of the side) is a product with a band matrix along
+    each axis: the same arithmetic in NumPy and JAX.
+    """
+    xp = np if isinstance(x, np.ndarray) else _jnp()
+    blur = lambda v: _along(_along(v, -3, xp), -2, xp)  # noqa: E731
+    centred = x / 255.0 - blur(x / 255.0)
+    spread = xp.sqrt(blur((centred**2).mean(axis=-1, keepdims=True)))
+    floor = spread.mean(axis=(-3, -2, -1), keepdims=True).clip(min=1.0 / 64)
+    return centred / xp.maximum(spread, floor)
+
+
+def _along(x, axis: int, xp):
+    """x (..., h, w, c) blurred along its rows (axis -3) or columns (-2): per image, a
+    (side x side) band times a (side x rest) matrix. TFLite's converter takes that batch of
+    rank 3, not a rank-4 product (it refused an einsum over NHWC)."""
+    moved = xp.moveaxis(x, axis, -3)
+    side = moved.shape[-3]
+    flat = moved.reshape(-1, side, moved.shape[-2] * moved.shape[-1])
+    band = xp.broadcast_to(_gaussian_band(side), (flat.shape[0], side, side))
+    return xp.moveaxis(xp.matmul(band, flat).reshape(moved.shape), -3, axis)
+
+
+def _gaussian_band(side: int) -> np.ndarray:
+    """(side, side) rows of Gaussian weights, each summing to 1 over the pixels inside the
+    image, so the borders average what is there instead of zeros."""
+    sigma = max(side / 16, 1.0)
+    offsets = np.arange(side)[:, None] - np.arange(side)[None, :]
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _jnp():
