@@ -82,8 +82,8 @@ def _local_contrast(x):
     neighbourhood mean, divided by the neighbourhood's spread over all channels (floored at
     the image's mean spread, so flat regions are not blown up to noise). A dark photo and the
     same photo lit are the same input, and strokes in a shaded part of a sign are lifted
-    toward those in its lit part (up to that floor). The Gaussian (sigma a sixteenth of the side) is a product with a band matrix along
-    each axis: the same arithmetic in NumPy and JAX.
+    toward those in its lit part (up to that floor). The Gaussian (sigma a sixteenth of the
+    side) is a product with a band matrix along each axis: the same arithmetic in NumPy and JAX.
     """
     xp = np if isinstance(x, np.ndarray) else _jnp()
     blur = lambda v: _along(_along(v, -3, xp), -2, xp)  # noqa: E731
