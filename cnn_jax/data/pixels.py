@@ -87,7 +87,8 @@ def _local_contrast(x):
     """
     xp = np if isinstance(x, np.ndarray) else _jnp()
     blur = lambda v: _along(_along(v, -3, xp), -2, xp)  # noqa: E731
-    centred = x / 255.0 - blur(x / 255.0)
+    unit = x / 255.0
+    centred = unit - blur(unit)
     spread = xp.sqrt(blur((centred**2).mean(axis=-1, keepdims=True)))
     floor = spread.mean(axis=(-3, -2, -1), keepdims=True).clip(min=1.0 / 64)
     return centred / xp.maximum(spread, floor)
