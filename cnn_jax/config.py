@@ -168,6 +168,14 @@ class Strengths:
         low=0,
         high=1,
     )
+    stroke: float = setting(
+        0.0,
+        "largest change of stroke weight: the image blended up to this share toward its 3x3 "
+        "grey-level dilation or erosion, which thins or thickens dark strokes by up to a pixel "
+        "each side, as a bold or a light font gives (0: none)",
+        low=0,
+        high=1,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -146,6 +146,28 @@ def test_a_gamma_change_raises_each_image_to_one_power_within_its_reach():
     assert per_image[:, 0].min() < 0.8 and per_image[:, 0].max() > 1.25  # both ways
 
 
+def test_a_stroke_change_thins_or_thickens_a_dark_bar_by_up_to_a_pixel_each_side():
+    # A dark bar 4 pixels high on a light ground: dilation (max over 3x3) narrows it to 2 rows,
+    # erosion (min) widens it to 6; the change blends toward either by its own share.
+    light, dark = 200.0, 20.0
+    bar = np.full((12, 12, 3), light, np.float32)
+    bar[4:8, 2:10] = dark
+    images = np.repeat(bar[None], 32, axis=0)
+    only = augment.Strengths(0, 0, 0, 0, 0, 0, stroke=0.5)
+    out = np.asarray(augment.augment(jax.random.key(6), images, only))
+    np.testing.assert_allclose(out[:, 5:7, 3:9], dark, atol=1e-3)  # the bar's core stays
+    np.testing.assert_allclose(out[:, 0:2], light, atol=1e-3)  # beyond a pixel: untouched
+    edge = out[:, 4, 5, 0]  # the bar's top row: lightened when thinned
+    rim = out[:, 3, 5, 0]  # the row above it: darkened when thickened
+    thinned = (edge - dark) / (light - dark)
+    thickened = (light - rim) / (light - dark)
+    assert np.all((thinned > -1e-5) & (thinned < 0.5 + 1e-5))
+    assert np.all((thickened > -1e-5) & (thickened < 0.5 + 1e-5))
+    assert np.all(np.minimum(thinned, thickened) < 1e-5)  # one way per image, not both
+    assert thinned.max() > 0.3 and thickened.max() > 0.3  # both ways, over the reach
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])  # each channel alike here
+
+
 def test_a_colour_cast_scales_each_channel_of_an_image_by_its_own_factor():
     images = np.random.default_rng(5).integers(20, 190, (32, 12, 12, 3), dtype=np.uint8)
     only = augment.Strengths(0, 0, 0, 0, 0, 0, colour=0.3)
