@@ -4,7 +4,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+from flax import nnx
 
 from cnn_jax import data as data_lib
 from cnn_jax.checkpoint import CheckpointError, locate
@@ -31,8 +33,6 @@ class Restored:
     directory: Path
 
     def param_count(self) -> int:
-        from flax import nnx
-
         # Per network: an ensemble's members are counted once.
         return count_params(nnx.merge(self.predictor.graphdef, self.params)) // self.config.ensemble
 
@@ -63,6 +63,26 @@ def load_checkpoint(path: Path | str, platform: str | None = None, tta: int = 1)
     store.close()
     params = predictor.place(state.weights)  # the optimizer's arrays are dropped here
     return Restored(config, predictor, params, meta, step, store.directory / str(step))
+
+
+def features(restored: Restored, images: np.ndarray) -> np.ndarray:
+    """What the network's last layer reads for uint8 images, dropout off: (images, features).
+    One network's: an ensemble's members each read their own."""
+    if restored.predictor.members:
+        raise UserError(f"{restored.directory} is an ensemble: features are one network's")
+    model = nnx.merge(restored.predictor.graphdef, restored.params)
+    model.logits = _LastInput()  # every model ends in logits(dropout(x))
+    graphdef, state = nnx.split(model)
+    pixels = restored.predictor.pixels
+    read = jax.jit(lambda w, x: nnx.merge(graphdef, w)(data_lib.scale_pixels(x, pixels)))
+    return in_batches(lambda batch: read(state, batch), images, EVAL_BATCH)
+
+
+class _LastInput(nnx.Module):
+    """Stands in for a network's last layer, and hands on what that layer would have read."""
+
+    def __call__(self, x):
+        return x
 
 
 class Tested(NamedTuple):

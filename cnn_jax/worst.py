@@ -1,6 +1,7 @@
 """Where a network fails: the classes and the GTSRB tracks (one physical sign each) it gets wrong
-most often, and what it takes them for. The report lists them; they are the place to look
-before trying the next idea."""
+most often, what it takes them for, and which training tracks it finds them like. The report
+lists the first two (`scripts/nearest_tracks.py` the third); they are the place to look before
+trying the next idea."""
 
 from typing import NamedTuple
 
@@ -47,3 +48,15 @@ def worst_tracks(paths, labels, predictions, count: int = 10) -> list[Failing]:
         rows = names == name
         items.append(_failing(name, labels[rows][0], predictions[rows]))
     return _worst(items, count)
+
+
+def nearest_tracks(features, train_features, train_names, neighbours: int = 10) -> np.ndarray:
+    """(images, neighbours): the track names of each image's nearest training images, nearest
+    first, by the cosine of their features (what the network's last layer reads). A track
+    every network misreads may be near another class's track photographed alike."""
+    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    similarity = (
+        unit(np.asarray(features, np.float64)) @ unit(np.asarray(train_features, np.float64)).T
+    )
+    order = np.argsort(-similarity, axis=1, kind="stable")[:, :neighbours]
+    return np.asarray(train_names, dtype=object)[order]

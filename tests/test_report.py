@@ -95,6 +95,38 @@ def test_report_of_an_unfinished_run_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "holds no metrics.json" in err
 
 
+def test_features_are_what_the_last_layer_reads(tmp_path):
+    import jax
+    from flax import nnx
+
+    from cnn_jax.inference import features, load_checkpoint, probabilities
+
+    args = ["train", "--model", "3", "--image-size", "16", "--epochs", "1", "--stn"]
+    args += ["--synthetic-per-class", "2", "--platform", "cpu", "--workdir", str(tmp_path)]
+    assert main(args + ["--quiet"]) == 0
+    restored = load_checkpoint(tmp_path, "cpu")
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    last = nnx.merge(restored.predictor.graphdef, restored.params).logits
+    found = features(restored, images)
+    assert found.shape == (5, last.kernel.shape[0]) and (found >= 0).all()  # after a ReLU
+    logits = found @ np.asarray(last.kernel[...]) + np.asarray(last.bias[...])
+    np.testing.assert_allclose(
+        jax.nn.softmax(logits), probabilities(restored, images), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_nearest_tracks_go_by_the_direction_of_the_features_not_their_size():
+    from cnn_jax.worst import nearest_tracks
+
+    train = np.array([[1.0, 0.0], [10.0, 1.0], [0.0, 1.0], [0.2, 3.0]])
+    names = ["5/00021", "5/00021", "3/00007", "3/00008"]
+    near = nearest_tracks(np.array([[30.0, 2.0], [0.05, 0.4]]), train, names, neighbours=3)
+    assert near.tolist() == [
+        ["5/00021", "5/00021", "3/00008"],
+        ["3/00008", "3/00007", "5/00021"],
+    ]
+
+
 def test_worst_classes_and_tracks_name_the_failing_signs_and_what_they_were_taken_for():
     from cnn_jax.worst import worst_classes, worst_tracks
 
