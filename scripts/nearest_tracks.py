@@ -36,7 +36,7 @@ def main() -> None:
     predictions = probabilities(restored, ds.images[test]).argmax(1)
     worst = worst_tracks(ds.paths[test], ds.labels[test], predictions, args.tracks)
     if not worst:
-        print("no test track has a mistake")
+        print("no test track (GTSRB TTTTT_IIIII file names) has a mistake")
         return
     rows = test[np.isin(names[test], [f.name for f in worst])]
     near = nearest_tracks(
